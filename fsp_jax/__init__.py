@@ -1,0 +1,13 @@
+"""fsp_jax: FSP knowledge distillation (Yim et al., CVPR 2017) in JAX/Flax.
+
+    from fsp_jax import fsp_matrix, fsp_loss
+    g = fsp_matrix(f1, f2)             # (B, H, W, m), (B, H', W', n) -> (B, m, n)
+    loss = fsp_loss(teacher_features, student_features)
+"""
+from fsp_jax.fsp import (default_fsp_pairs, fsp_distance, fsp_loss, fsp_matrices,
+                         fsp_matrix)
+from fsp_jax.models import MODELS, ResNet, create_model
+
+__all__ = ["fsp_matrix", "fsp_matrices", "fsp_loss", "fsp_distance",
+           "default_fsp_pairs", "ResNet", "create_model", "MODELS"]
+__version__ = "0.1.0"

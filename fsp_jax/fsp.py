@@ -1,0 +1,180 @@
+"""FSP matrices and the FSP loss (Yim et al., CVPR 2017, Eq. 1 and Eq. 2).
+
+Everything here is a pure function of arrays: `jax.jit`, `jax.grad` and `jax.vmap`
+apply directly. Feature maps are channels-last, `(B, H, W, C)`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+POOLING = ("max", "avg")
+FspPair = Tuple[int, int]
+
+
+def _pool_to(f: jax.Array, height: int, width: int, pool: str) -> jax.Array:
+  """Pools `f` `(B, H, W, C)` down to `(B, height, width, C)` with a window H/height."""
+  wh, ww = f.shape[1] // height, f.shape[2] // width
+  window = (1, wh, ww, 1)
+  if pool == "max":
+    return jax.lax.reduce_window(f, -jnp.inf, jax.lax.max, window, window, "VALID")
+  summed = jax.lax.reduce_window(f, 0.0, jax.lax.add, window, window, "VALID")
+  return summed / (wh * ww)
+
+
+def match_spatial(f1: jax.Array, f2: jax.Array, pool: str = "max"):
+  """Pools the larger of two feature maps down to the spatial size of the smaller.
+
+  Args:
+    f1: `(B, H1, W1, m)`.
+    f2: `(B, H2, W2, n)`.
+    pool: "max" (the paper's choice) or "avg" (adaptive average pooling, as in the
+      PyTorch re-implementations).
+
+  Returns:
+    `(f1, f2)` with equal `H, W`. Raises ValueError where the larger map is not an
+    integer multiple of the smaller in both height and width.
+  """
+  if pool not in POOLING:
+    raise ValueError(f"pool={pool!r} is not supported; use one of {POOLING}.")
+  if f1.ndim != 4 or f2.ndim != 4:
+    raise ValueError(
+        f"FSP needs channels-last feature maps (B, H, W, C); got shapes {f1.shape} and "
+        f"{f2.shape}.")
+  if f1.shape[0] != f2.shape[0]:
+    raise ValueError(
+        f"FSP feature maps must come from the same batch; got batch sizes {f1.shape[0]} "
+        f"and {f2.shape[0]}.")
+  (h1, w1), (h2, w2) = f1.shape[1:3], f2.shape[1:3]
+  if (h1, w1) == (h2, w2):
+    return f1, f2
+  if h1 >= h2 and w1 >= w2 and h1 % h2 == 0 and w1 % w2 == 0:
+    return _pool_to(f1, h2, w2, pool), f2
+  if h2 >= h1 and w2 >= w1 and h2 % h1 == 0 and w2 % w1 == 0:
+    return f1, _pool_to(f2, h1, w1, pool)
+  raise ValueError(
+      f"FSP feature maps of spatial sizes {h1}x{w1} and {h2}x{w2} cannot be paired: the "
+      "larger must be an integer multiple of the smaller in height and width. Pick "
+      "fsp_pairs whose maps satisfy this.")
+
+
+def fsp_matrix(f1: jax.Array, f2: jax.Array, pool: str = "max") -> jax.Array:
+  """The FSP matrix of two feature maps of the same input (Eq. 1).
+
+  G[b, i, j] = sum_{h, w} f1[b, h, w, i] * f2[b, h, w, j] / (H * W)
+
+  Args:
+    f1: `(B, H1, W1, m)`, the first feature map (e.g. a section's input).
+    f2: `(B, H2, W2, n)`, the second (e.g. the section's output). Where one map is an
+      integer multiple of the other in height and width, the larger is pooled down
+      first (`pool`: "max", the paper's choice, or "avg").
+
+  Returns:
+    `(B, m, n)` float32, whatever the input dtype (bf16 activations are upcast).
+  """
+  f1, f2 = match_spatial(f1, f2, pool)
+  f1 = f1.astype(jnp.float32)
+  f2 = f2.astype(jnp.float32)
+  h, w = f1.shape[1:3]
+  # HIGHEST: on TPU the default float32 matmul precision is bf16 passes, which would
+  # make the teacher's FSP targets noisy.
+  gram = jnp.einsum("bhwm,bhwn->bmn", f1, f2, precision=jax.lax.Precision.HIGHEST)
+  return gram / (h * w)
+
+
+def default_fsp_pairs(num_features: int) -> Tuple[FspPair, ...]:
+  """One pair per section: (stem, section 1), (section 1, section 2), ...
+
+  Args:
+    num_features: length of a model's feature tuple (stem plus one per section).
+  """
+  return tuple((k, k + 1) for k in range(num_features - 1))
+
+
+def fsp_matrices(features: Sequence[jax.Array],
+                 fsp_pairs: Optional[Sequence[FspPair]] = None,
+                 pool: str = "max") -> Tuple[jax.Array, ...]:
+  """FSP matrices of one network for each pair of feature indices.
+
+  Args:
+    features: the network's feature maps, each `(B, H_k, W_k, C_k)`; for the models of
+      this package, `(stem, section_1, ..., section_K)`.
+    fsp_pairs: `(i, j)` indices into `features`; default one pair per section.
+
+  Returns:
+    one `(B, C_i, C_j)` float32 matrix per pair.
+  """
+  if fsp_pairs is None:
+    fsp_pairs = default_fsp_pairs(len(features))
+  out = []
+  for i, j in fsp_pairs:
+    if not (0 <= i < len(features) and 0 <= j < len(features)):
+      raise ValueError(
+          f"FSP pair ({i}, {j}) is out of range: the network returns {len(features)} "
+          f"feature maps (indices 0..{len(features) - 1}).")
+    out.append(fsp_matrix(features[i], features[j], pool))
+  return tuple(out)
+
+
+def fsp_distance(teacher_matrices: Sequence[jax.Array],
+                 student_matrices: Sequence[jax.Array],
+                 weights: Optional[Sequence[float]] = None) -> jax.Array:
+  """Eq. 2 from precomputed matrices: mean over the batch of weighted squared norms.
+
+  L = (1/B) sum_b sum_i lambda_i || G_i^T[b] - G_i^S[b] ||_F^2
+
+  Args:
+    teacher_matrices: per pair `(B, m_i, n_i)`; no gradient flows into them.
+    student_matrices: per pair `(B, m_i, n_i)`.
+    weights: lambda_i per pair; default 1 for each (the paper: all equal).
+
+  Returns:
+    a float32 scalar.
+  """
+  if len(teacher_matrices) != len(student_matrices):
+    raise ValueError(
+        f"teacher has {len(teacher_matrices)} FSP matrices, student "
+        f"{len(student_matrices)}: both must use the same fsp_pairs.")
+  if weights is None:
+    weights = (1.0,) * len(student_matrices)
+  if len(weights) != len(student_matrices):
+    raise ValueError(
+        f"{len(weights)} FSP pair weights given for {len(student_matrices)} fsp_pairs; "
+        "give one weight per pair.")
+  total = jnp.zeros((), jnp.float32)
+  for k, (gt, gs, lam) in enumerate(zip(teacher_matrices, student_matrices, weights)):
+    if gt.shape != gs.shape:
+      raise ValueError(
+          f"FSP pair {k}: teacher matrix is {tuple(gt.shape[1:])}, student matrix is "
+          f"{tuple(gs.shape[1:])} (batch {gt.shape[0]} vs {gs.shape[0]}). FSP needs equal "
+          "channel counts on both sides: give the student the teacher's section widths, "
+          "or change fsp_pairs.")
+    diff = jax.lax.stop_gradient(gt) - gs
+    total = total + lam * jnp.mean(jnp.sum(jnp.square(diff), axis=(1, 2)))
+  return total
+
+
+def fsp_loss(teacher_features: Sequence[jax.Array],
+             student_features: Sequence[jax.Array],
+             fsp_pairs: Optional[Sequence[FspPair]] = None,
+             weights: Optional[Sequence[float]] = None,
+             pool: str = "max") -> jax.Array:
+  """The FSP loss of Eq. 2 between a frozen teacher and a student.
+
+  Args:
+    teacher_features: teacher feature maps, each `(B, H_k, W_k, C_k)`. The teacher
+      carries no gradient (stop_gradient), so only the student is trained.
+    student_features: student feature maps, same structure and channel counts at the
+      indices named by `fsp_pairs`.
+    fsp_pairs: `(i, j)` feature indices; default one pair per section.
+    weights: lambda_i per pair; default equal (1.0).
+    pool: "max" (paper) or "avg" for pairs of different spatial size.
+
+  Returns:
+    a float32 scalar: batch mean of sum_i lambda_i ||G_i^T - G_i^S||_F^2.
+  """
+  teacher_features = [jax.lax.stop_gradient(f) for f in teacher_features]
+  return fsp_distance(fsp_matrices(teacher_features, fsp_pairs, pool),
+                      fsp_matrices(student_features, fsp_pairs, pool), weights)

@@ -1,0 +1,135 @@
+"""Flax (Linen) ResNets that return `(logits, features)`.
+
+`features` are the section boundaries FSP needs: `(stem, section_1, ..., section_K)`,
+each channels-last `(B, H, W, C)` and taken after the ReLU. Two families:
+
+- CIFAR ResNets as in the paper: stem BN-conv-BN-ReLU, 3 sections of `n` modules
+  (conv-BN-ReLU-conv-BN, add, ReLU), widths 16/32/64 times a multiplier, depth 6n+2.
+- ImageNet-style basic-block ResNets: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool, 4 sections
+  of widths 64/128/256/512 (ResNet-18, ResNet-34, the paper's 2/2/3/2 transfer student).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+# MSRA initialisation (He et al.), as the paper states; fan_out as in torchvision.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ResidualModule(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN, add the (projected) input, ReLU. `(B,H,W,C)` in/out."""
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    y = self.norm(name="bn2")(y)
+    if residual.shape != y.shape:
+      # Projection shortcut (1x1 conv + BN) where width or resolution changes.
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           name="shortcut_conv")(residual)
+      residual = self.norm(name="shortcut_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """A ResNet cut into sections of constant spatial size.
+
+  Attributes:
+    modules_per_section: residual modules in each section, e.g. (4, 4, 4).
+    widths: channels of each section, e.g. (16, 32, 64).
+    num_classes: size of the classifier output.
+    stem: "cifar" (BN-conv3x3-BN-ReLU) or "imagenet" (conv7x7/2-BN-ReLU-maxpool3x3/2).
+    dtype: computation dtype (float32, or bfloat16 for mixed precision); parameters
+      stay float32.
+  """
+  modules_per_section: Sequence[int]
+  widths: Sequence[int]
+  num_classes: int = 10
+  stem: str = "cifar"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+    """Args: x `(B, H, W, C)` normalised images. Returns logits `(B, num_classes)` and
+    features `(stem, section_1, ..., section_K)`, each `(B, H_k, W_k, C_k)`."""
+    if len(self.modules_per_section) != len(self.widths):
+      raise ValueError(
+          f"modules_per_section {tuple(self.modules_per_section)} and widths "
+          f"{tuple(self.widths)} must have one entry per section.")
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=conv_init)
+    # Momentum 0.9 and eps 1e-5 are PyTorch's BatchNorm defaults (momentum 0.1 there).
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    if self.stem == "cifar":
+      x = norm(name="bn_input")(x)
+      x = conv(self.widths[0], (3, 3), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+    elif self.stem == "imagenet":
+      x = conv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+               name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+    else:
+      raise ValueError(f"stem={self.stem!r} is unknown; use 'cifar' or 'imagenet'.")
+    features = [x]
+    for s, (n, width) in enumerate(zip(self.modules_per_section, self.widths)):
+      for m in range(n):
+        strides = 2 if (s > 0 and m == 0) else 1
+        x = ResidualModule(width, strides, conv=conv, norm=norm,
+                           name=f"section{s + 1}_module{m + 1}")(x)
+      features.append(x)
+    pooled = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
+    return logits.astype(jnp.float32), tuple(features)
+
+
+def cifar_resnet(depth: int, width_multiplier: int = 1, **kwargs) -> ResNet:
+  """The paper's CIFAR ResNet of depth 6n+2, widths (16, 32, 64) * width_multiplier."""
+  if depth < 8 or (depth - 2) % 6:
+    raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, "
+                     f"56, 110, ...); got {depth}.")
+  n = (depth - 2) // 6
+  widths = tuple(w * width_multiplier for w in (16, 32, 64))
+  return ResNet(modules_per_section=(n, n, n), widths=widths, stem="cifar", **kwargs)
+
+
+def imagenet_resnet(modules_per_section: Sequence[int], width_multiplier: int = 1,
+                    **kwargs) -> ResNet:
+  """A basic-block ImageNet ResNet with 4 sections of widths (64, 128, 256, 512)."""
+  widths = tuple(w * width_multiplier for w in (64, 128, 256, 512))
+  return ResNet(modules_per_section=tuple(modules_per_section), widths=widths,
+                stem="imagenet", **kwargs)
+
+
+MODELS: Dict[str, Callable[..., ResNet]] = {
+    **{f"cifar_resnet{d}": functools.partial(cifar_resnet, d)
+       for d in (8, 14, 20, 26, 32, 44, 56, 110)},
+    "resnet18": functools.partial(imagenet_resnet, (2, 2, 2, 2)),
+    "resnet34": functools.partial(imagenet_resnet, (3, 4, 6, 3)),
+    # The paper's transfer-learning student ("ResNet-20" with 2/2/3/2 modules).
+    "resnet20_transfer": functools.partial(imagenet_resnet, (2, 2, 3, 2)),
+}
+
+
+def create_model(name: str, num_classes: int, width_multiplier: int = 1,
+                 dtype: Any = jnp.float32) -> ResNet:
+  """Builds a model from its preset name (see `MODELS`)."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
+  return MODELS[name](width_multiplier=width_multiplier, num_classes=num_classes,
+                      dtype=dtype)
