@@ -153,10 +153,15 @@ class MetricsWriter:
 def _fingerprint(config, stage: Stage) -> Dict[str, Any]:
   """What must match for a stage directory to be resumed by this config."""
   spec = config[stage.role]
-  return {"stage": stage.name, "kind": stage.kind, "model": spec.model,
+  return _jsonable({"stage": stage.name, "kind": stage.kind, "model": spec.model,
           "width_multiplier": spec.width_multiplier, "data": config.data.to_dict(),
           "seed": config.seed, "schedule": stage.schedule.to_dict(),
-          "init_from": stage.init_from}
+          "init_from": stage.init_from})
+
+
+def _jsonable(obj):
+  """As it reads back from JSON (tuples become lists), so fingerprints compare."""
+  return json.loads(json.dumps(obj))
 
 
 class Preempted(Exception):

@@ -1,0 +1,115 @@
+"""Data sources, augmentation, deterministic batches, padded evaluation."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsp_jax import data
+
+
+def _write_folder(root, classes=("cat", "dog"), per_class=3, size=(8, 8), ext="png"):
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for c in classes:
+      d = os.path.join(root, split, c)
+      os.makedirs(d, exist_ok=True)
+      for k in range(per_class):
+        img = rng.integers(0, 256, size=size + (3,), dtype=np.uint8)
+        Image.fromarray(img).save(os.path.join(d, f"{k}.{ext}"))
+  return str(root)
+
+
+def test_image_folder_loads_both_splits(tmp_path):
+  root = _write_folder(tmp_path)
+  ds = data.load_image_folder(root)
+  assert ds.train_images.shape == (6, 8, 8, 3) and ds.train_images.dtype == np.uint8
+  assert ds.num_classes == 2 and sorted(set(ds.test_labels)) == [0, 1]
+  resized = data.load_image_folder(root, image_size=(16, 12))
+  assert resized.test_images.shape == (6, 16, 12, 3)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("missing_split", "no 'test' split"),
+    ("empty_class", "holds no"),
+    ("not_an_image", "not a readable image"),
+])
+def test_image_folder_errors_name_the_problem(tmp_path, breakage, message):
+  root = _write_folder(tmp_path)
+  if breakage == "missing_split":
+    import shutil
+    shutil.rmtree(os.path.join(root, "test"))
+  elif breakage == "empty_class":
+    os.makedirs(os.path.join(root, "train", "zebra"))
+  else:
+    with open(os.path.join(root, "train", "cat", "broken.jpg"), "w") as f:
+      f.write("not a jpeg")
+  with pytest.raises(ValueError, match=message):
+    data.load_image_folder(root)
+
+
+def test_digits_is_real_bundled_data():
+  ds = data.load_digits(16)
+  assert ds.train_images.shape[1:] == (16, 16, 1)
+  assert len(ds.train_labels) + len(ds.test_labels) == 1797
+  assert ds.num_classes == 10 and ds.train_images.max() == 255
+
+
+def test_tfds_source_under_mock_data():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data.load_tfds("cifar10")
+  assert ds.train_images.shape == (12, 32, 32, 3) and ds.num_classes == 10
+  with pytest.raises(ValueError, match="unknown tensorflow-datasets"):
+    data.load_tfds("no_such_dataset_xyz")
+
+
+def test_augmentation_is_pad_and_crop():
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+  out = data.augment_batch(images, np.random.default_rng(1), pad=4)
+  assert out.shape == images.shape
+  # Every output is a shifted window of the zero-padded input.
+  for k in range(64):
+    padded = np.pad(images[k], ((4, 4), (4, 4), (0, 0)))
+    assert any(np.array_equal(out[k], padded[y:y + 8, x:x + 8])
+               for y in range(9) for x in range(9))
+  assert not np.array_equal(out, images)
+
+
+def test_train_batches_depend_only_on_seed_and_step():
+  ds = data.load_digits(8)
+  a = data.train_batch(ds, 32, seed=3, step=57)
+  b = data.train_batch(ds, 32, seed=3, step=57)
+  c = data.train_batch(ds, 32, seed=4, step=57)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert not np.array_equal(a["image"], c["image"])
+  # One epoch visits distinct examples.
+  n = len(ds.train_labels)
+  idx = np.concatenate([data.train_batch_indices(n, 32, 0, s) for s in range(n // 32)])
+  assert len(set(idx.tolist())) == len(idx)
+  # Two processes each read their half of the same global batch.
+  halves = [data.train_batch(ds, 32, 3, 57, process_index=p, process_count=2)
+            for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["label"] for h in halves]), a["label"])
+
+
+def test_eval_batches_cover_every_example_once():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  images = np.arange(10 * 2 * 2 * 1, dtype=np.uint8).reshape(10, 2, 2, 1)
+  labels = np.arange(10, dtype=np.int32)
+  batches = list(data.eval_batches(images, labels, mesh, batch_size=4))
+  assert len(batches) == 3
+  masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  seen = np.concatenate([np.asarray(b["label"]) for b in batches])[masks == 1]
+  np.testing.assert_array_equal(seen, labels)
+  assert masks.sum() == 10
+
+
+@pytest.mark.slow
+def test_real_cifar10_image_folder(cifar10_folder):
+  ds = data.load_image_folder(cifar10_folder)
+  assert ds.train_images.shape == (50000, 32, 32, 3)
+  assert ds.test_images.shape == (10000, 32, 32, 3)
+  np.testing.assert_allclose(ds.mean, [125.27, 122.93, 113.86], atol=0.05)

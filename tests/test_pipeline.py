@@ -1,0 +1,141 @@
+"""End to end: a tiny pipeline, stage hand-over, resume, and CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fsp_jax import checkpoints, config_lib, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  config = config_lib.get_config()
+  config.data.source = "digits"
+  config.data.image_size = (8, 8)
+  config.data.pad = 1
+  config.teacher.model = "cifar_resnet8"
+  config.student.model = "cifar_resnet8"
+  config.teacher.schedule = config_lib.schedule(12, (0.1, 0.01), (8,), batch_size=32)
+  config.fsp.schedule = config_lib.schedule(8, (1e-3,), (), batch_size=32)
+  config.student.schedule = config_lib.schedule(8, (0.1, 0.01), (5,), batch_size=32)
+  config.baselines = ("scratch",)
+  config.eval_batch_size = 120
+  config.eval_every = 4
+  config.log_every = 4
+  config.checkpoint_every = 4
+  return config
+
+
+def _final_model(stage_dir, template):
+  return checkpoints.restore_model(stage_dir, template)[0]
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+  config = tiny_config()
+  results = pipeline.run(config, str(tmp_path))
+  assert list(results) == ["teacher", "fsp", "student", "scratch"]
+  for name in ("teacher", "student", "scratch"):
+    assert 0.0 <= results[name]["test_accuracy"] <= 1.0
+    assert results[name]["wall_time_s"] > 0
+  assert results["fsp"]["test_fsp_loss"] > 0
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk["student"]["steps"] == 8
+  lines = [json.loads(l) for l in open(tmp_path / "fsp" / "metrics.jsonl")]
+  assert [l["step"] for l in lines if "loss" in l] == [4, 8]
+  assert any("test_fsp_loss" in l for l in lines)
+  table = pipeline.results_table(results)
+  assert "FSP student" in table and "student from scratch" in table
+  # Re-running skips finished stages.
+  again = pipeline.run(config, str(tmp_path))
+  assert again == results
+
+
+def test_stage_two_starts_from_stage_one_final_weights(tmp_path):
+  config = tiny_config()
+  config.baselines = ()
+  # A zero learning rate and no weight decay: stage 2's parameters never move, so its
+  # final parameters are its initial ones.
+  config.student.schedule = config_lib.schedule(4, (0.0,), (), batch_size=32,
+                                                weight_decay=0.0)
+  p = pipeline.Pipeline(config, str(tmp_path))
+  p.run()
+  template = p.init_variables("student")
+  fsp_final = _final_model(str(tmp_path / "fsp"), template)
+  student_final = _final_model(str(tmp_path / "student"), template)
+  jax.tree.map(np.testing.assert_array_equal, fsp_final["params"], student_final["params"])
+  scratch = p.init_variables("student")
+  assert not np.array_equal(fsp_final["params"]["stem_conv"]["kernel"],
+                            scratch["params"]["stem_conv"]["kernel"])
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+  config = tiny_config()
+  config.baselines = ()
+  pipeline.run(config, str(tmp_path / "clean"))
+
+  # Interrupt stage 1 after its 6th step (last checkpoint at step 4).
+  real = pipeline.data.train_batches
+
+  def interrupted(*args, **kwargs):
+    for step, batch in real(*args, **kwargs):
+      if step == 6 and _stage[0] == "fsp":
+        raise _Interrupt()
+      yield step, batch
+
+  _stage = [None]
+  real_run_stage = pipeline.Pipeline.run_stage
+
+  def run_stage(self, stage):
+    _stage[0] = stage.name
+    return real_run_stage(self, stage)
+
+  monkeypatch.setattr(pipeline.data, "train_batches", interrupted)
+  monkeypatch.setattr(pipeline.Pipeline, "run_stage", run_stage)
+  with pytest.raises(_Interrupt):
+    pipeline.run(config, str(tmp_path / "resumed"))
+  assert json.load(open(tmp_path / "resumed" / "results.json")).keys() == {"teacher"}
+  monkeypatch.setattr(pipeline.data, "train_batches", real)
+  resumed = pipeline.run(config, str(tmp_path / "resumed"))
+
+  clean = json.load(open(tmp_path / "clean" / "results.json"))
+  for name in ("teacher", "fsp", "student"):
+    for key in ("test_accuracy", "test_fsp_loss"):
+      if key in clean[name]:
+        np.testing.assert_allclose(resumed[name][key], clean[name][key], rtol=1e-5)
+  p = pipeline.Pipeline(config, str(tmp_path / "clean"))
+  template = p.init_variables("student")
+  a = _final_model(str(tmp_path / "clean" / "student"), template)
+  b = _final_model(str(tmp_path / "resumed" / "student"), template)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def _cli(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fsp_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.no_such_field=1"], "no_such_field"),
+    (["--config.data.source=tfds", "--config.data.name=no_such_dataset_xyz"],
+     "unknown tensorflow-datasets data set"),
+    (["--config.teacher.checkpoint=/nonexistent/teacher"], "teacher checkpoint"),
+    (["--config.teacher.width_multiplier=2"], "cannot be paired for FSP"),
+    (["--config.teacher.model=cifar_resnet27"], "unknown model"),
+])
+def test_cli_bad_input_is_a_one_line_error(tmp_path, args, message):
+  proc = _cli("--workdir", str(tmp_path), *args)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  if "no_such_field" not in args[0]:
+    error_lines = [l for l in proc.stderr.splitlines() if l.startswith("fsp_jax: error")]
+    assert len(error_lines) == 1 and "Traceback" not in proc.stderr
