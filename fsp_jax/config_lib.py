@@ -62,6 +62,8 @@ def get_config():
   # weights with the student's schedule), 'teacher_short' (the teacher architecture
   # with the student's schedule, Table 1's "21k only" row).
   config.baselines = ("scratch",)
+  # Train (or restore) the teacher only, e.g. to share one teacher between experiments.
+  config.teacher_only = False
 
   config.eval_batch_size = 500
   config.eval_every = 2000  # steps; 0 evaluates only at the end of a stage.

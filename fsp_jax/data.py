@@ -299,8 +299,8 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
 
 
 def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step: int,
-                  num_steps: int, augment: bool = True, flip: bool = False,
-                  prefetch_size: int = 2) -> Iterator:
+                  num_steps: int, augment: bool = True, pad: int = 4,
+                  flip: bool = False, prefetch_size: int = 2) -> Iterator:
   """Yields `(step, global_batch)` for steps `start_step .. num_steps-1`."""
   pcount, pindex = jax.process_count(), jax.process_index()
   if batch_size % (pcount * max(1, mesh.devices.size // pcount)):
@@ -309,7 +309,8 @@ def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step
 
   def host_batches():
     for step in range(start_step, num_steps):
-      yield step, train_batch(dataset, batch_size, seed, step, augment=augment, flip=flip,
+      yield step, train_batch(dataset, batch_size, seed, step, augment=augment, pad=pad,
+                              flip=flip,
                               process_index=pindex, process_count=pcount)
 
   for step, batch in prefetch(host_batches(), prefetch_size):

@@ -67,6 +67,8 @@ def plan_stages(config) -> List[Stage]:
   if not config.teacher.checkpoint:
     stages.append(Stage("teacher", "classify", "teacher",
                         scaled_schedule(config.teacher.schedule, scale)))
+  if config.teacher_only:
+    return stages
   stages.append(Stage("fsp", "fsp", "student", scaled_schedule(config.fsp.schedule, scale)))
   stages.append(Stage("student", "classify", "student", student, init_from="fsp"))
   if "scratch" in config.baselines:
@@ -306,7 +308,8 @@ class Pipeline:
     last_saved = start
     try:
       batches = data.train_batches(self.dataset, self.mesh, sched.batch_size, cfg.seed,
-                                   start, total, augment=sched.augment, flip=cfg.data.flip)
+                                   start, total, augment=sched.augment,
+                                   pad=cfg.data.pad, flip=cfg.data.flip)
       step_metrics = None
       for step, batch in batches:
         state, step_metrics = step_fn(state, batch)

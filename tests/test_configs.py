@@ -1,0 +1,44 @@
+"""Every shipped config loads and plans the stages the paper's experiment needs."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from fsp_jax import pipeline
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_plans_stages(path):
+  config = load(path)
+  names = [s.name for s in pipeline.plan_stages(config)]
+  assert names[0] == "teacher"
+  if not config.teacher_only:
+    assert names[1:3] == ["fsp", "student"]
+
+
+def test_paper_hyperparameters():
+  c = load(os.path.join(os.path.dirname(CONFIGS[0]), "cifar10_fast_optimization.py"))
+  assert c.teacher.schedule.num_steps == 64000
+  assert c.teacher.schedule.boundaries == (32000, 48000)
+  assert c.fsp.schedule.learning_rates == (1e-3, 1e-4, 1e-5)
+  assert c.fsp.schedule.boundaries == (11000, 16000) and c.fsp.schedule.num_steps == 21000
+  assert c.student.schedule.learning_rates == (0.1, 0.01, 0.001)
+  c100 = load(os.path.join(os.path.dirname(CONFIGS[0]), "cifar100_minimization.py"))
+  assert c100.student.model == "cifar_resnet14" and c100.student.width_multiplier == 4
+  assert c100.fsp.schedule.num_steps == 32000 and not c100.fsp.schedule.augment
+  scaled = pipeline.plan_stages(c.unlock().copy_and_resolve_references())
+  c.schedule_scale = 0.01
+  stages = {s.name: s for s in pipeline.plan_stages(c)}
+  assert stages["teacher"].schedule.num_steps == 640
+  assert stages["teacher"].schedule.boundaries == (320, 480)
+  assert len(scaled) == 4
