@@ -1,35 +1,54 @@
-"""Orbax checkpoints of a stage: `model` (params, batch_stats) and `optimizer` items.
+"""Orbax checkpoints of a stage: `model` (params, batch_stats), `optimizer` and `meta`.
 
 Keeping the model weights as their own item lets the next stage (or a teacher restore)
 read just the weights, without knowing the optimizer of the stage that wrote them.
+`meta` (JSON) holds what must resume with the weights, e.g. the stage's wall time.
+
+Crash safety: Orbax writes a step into a temporary directory and renames it when
+complete, so a kill mid-save leaves only a `<step>.orbax-checkpoint-tmp-*` folder that
+`latest_step()` ignores and the next `manager()` deletes. Small JSON files are written
+to a temporary file and renamed (`write_json_atomic`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Dict, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 CHECKPOINT_DIR = "checkpoints"
 STAGE_INFO = "stage.json"
+ITEMS = ("model", "optimizer", "meta")
 
 
 def manager(stage_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  """The CheckpointManager of one stage directory (`stage_dir/checkpoints`)."""
+  """The CheckpointManager of one stage directory (`stage_dir/checkpoints`).
+
+  Every process must create it (and call `save`/`restore_state`): Orbax coordinates
+  the processes. Temporary folders of saves cut short by a kill are deleted.
+  """
   path = os.path.abspath(os.path.join(stage_dir, CHECKPOINT_DIR))
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(path, options=options, item_names=("model", "optimizer"))
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  """Saves a TrainState at `step` (asynchronously; `mngr.wait_until_finished()`)."""
+def save(mngr: ocp.CheckpointManager, step: int, state,
+         meta: Optional[Dict[str, Any]] = None) -> None:
+  """Saves a TrainState and a JSON `meta` dict at `step` (asynchronously).
+
+  Call `mngr.wait_until_finished()` before relying on it.
+  """
   mngr.save(step, args=ocp.args.Composite(
       model=ocp.args.StandardSave({"params": state.params,
                                    "batch_stats": state.batch_stats}),
       optimizer=ocp.args.StandardSave({"opt_state": state.opt_state,
-                                       "step": state.step})))
+                                       "step": state.step}),
+      meta=ocp.args.JsonSave(meta or {})))
 
 
 def _abstract(tree):
@@ -37,15 +56,29 @@ def _abstract(tree):
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, state):
-  """Restores a TrainState saved by `save`, with `state`'s shapes and shardings."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
+  """Restores a TrainState saved by `save`, with `state`'s shapes and shardings.
+
+  Returns `(state, meta)`; `meta` is `{}` for checkpoints written without one.
+  """
+  items = dict(
       model=ocp.args.StandardRestore(_abstract(state.variables)),
       optimizer=ocp.args.StandardRestore(_abstract({"opt_state": state.opt_state,
-                                                    "step": state.step}))))
-  return state.replace(params=restored.model["params"],
-                       batch_stats=restored.model["batch_stats"],
-                       opt_state=restored.optimizer["opt_state"],
-                       step=restored.optimizer["step"])
+                                                    "step": state.step})))
+  has_meta = (mngr.directory / str(step) / "meta").exists()
+  if has_meta:
+    items["meta"] = ocp.args.JsonRestore()
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  state = state.replace(params=restored.model["params"],
+                        batch_stats=restored.model["batch_stats"],
+                        opt_state=restored.optimizer["opt_state"],
+                        step=restored.optimizer["step"])
+  return state, (dict(restored.meta) if has_meta else {})
+
+
+def has_checkpoints(stage_dir: str) -> bool:
+  """Whether `stage_dir/checkpoints` holds anything (complete or cut-short saves)."""
+  path = os.path.join(stage_dir, CHECKPOINT_DIR)
+  return os.path.isdir(path) and any(not n.startswith(".") for n in os.listdir(path))
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -66,10 +99,20 @@ def read_stage_info(stage_dir: str) -> Optional[Dict[str, Any]]:
 
 def write_stage_info(stage_dir: str, info: Dict[str, Any]) -> None:
   os.makedirs(stage_dir, exist_ok=True)
-  tmp = os.path.join(stage_dir, STAGE_INFO + ".tmp")
+  write_json_atomic(os.path.join(stage_dir, STAGE_INFO), info)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON so that readers (and a kill) see the old file or the new, never half.
+
+  The text goes to `path.tmp`, is flushed to disk, then renamed over `path`.
+  """
+  tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(stage_dir, STAGE_INFO))
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def restore_model(path: str, variables, what: str = "checkpoint"):
@@ -88,7 +131,13 @@ def restore_model(path: str, variables, what: str = "checkpoint"):
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{what} {path!r} does not exist; give a stage directory "
                             "written by fsp_jax (e.g. WORKDIR/teacher).")
-  with ocp.CheckpointManager(ckpt_dir, item_names=("model", "optimizer")) as mngr:
+  # Read-only: a teacher from another workdir is never modified (no cleanup, no
+  # metadata written).
+  with _quiet():  # Orbax warns that it sets read-only options.
+    mngr = ocp.CheckpointManager(
+        ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=ITEMS)
+  with mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"{what} {path!r} holds no complete checkpoint.")
@@ -101,6 +150,17 @@ def restore_model(path: str, variables, what: str = "checkpoint"):
                        f"architecture: {first[:300]}") from None
   _check_shapes(variables, restored.model, what, path)
   return restored.model, step
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Absl (Orbax) log lines below ERROR are dropped inside the block."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 def _check_shapes(expected, restored, what, path):

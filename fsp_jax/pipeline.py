@@ -5,6 +5,21 @@ Each stage writes under `WORKDIR/<stage>/`: Orbax checkpoints, `metrics.jsonl` a
 Running the same command again skips finished stages and resumes an interrupted one
 from its last checkpoint; the data order depends only on the step, so a resumed stage
 computes what an uninterrupted one would.
+
+Reliability (see README "Reliability"):
+- A kill (even SIGKILL, even mid-save) loses at most the steps since the last complete
+  checkpoint: Orbax commits a step by renaming its folder, JSON files are replaced
+  atomically, and `metrics.jsonl` is cut back to the restored step on resume.
+- SIGTERM (one process) or a JAX preemption notice (several processes, all agreeing on
+  the step) saves a checkpoint after the current step and raises `Preempted`.
+- A non-finite loss is tracked on the device after every step (no host sync) and
+  checked at log steps and before every save, and parameters are checked before every
+  save: no checkpoint with a NaN or inf is ever written, and the error names the first
+  bad step.
+- `stage.json` holds a fingerprint of the config a stage directory was made by; a
+  workdir of another experiment is refused before anything is written.
+- Several processes (multi-host): every process runs the same steps and calls every
+  Orbax save and restore; JSON files and logs come from process 0 only.
 """
 from __future__ import annotations
 
@@ -21,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from jax.experimental import multihost_utils
 
 from fsp_jax import checkpoints, data, fsp, models, train
 
@@ -40,12 +57,14 @@ class Stage:
     role: which architecture it trains: 'teacher' or 'student'.
     schedule: the stage's optimisation config (steps already scaled).
     init_from: the stage whose final weights initialise this one, or None (random).
+    schedule_field: the config field `schedule` comes from (for error messages).
   """
   name: str
   kind: str
   role: str
   schedule: ml_collections.ConfigDict
   init_from: Optional[str] = None
+  schedule_field: str = "student.schedule"
 
 
 def scaled_schedule(schedule: ml_collections.ConfigDict, scale: float):
@@ -66,10 +85,12 @@ def plan_stages(config) -> List[Stage]:
   stages = []
   if not config.teacher.checkpoint:
     stages.append(Stage("teacher", "classify", "teacher",
-                        scaled_schedule(config.teacher.schedule, scale)))
+                        scaled_schedule(config.teacher.schedule, scale),
+                        schedule_field="teacher.schedule"))
   if config.teacher_only:
     return stages
-  stages.append(Stage("fsp", "fsp", "student", scaled_schedule(config.fsp.schedule, scale)))
+  stages.append(Stage("fsp", "fsp", "student", scaled_schedule(config.fsp.schedule, scale),
+                      schedule_field="fsp.schedule"))
   stages.append(Stage("student", "classify", "student", student, init_from="fsp"))
   if "scratch" in config.baselines:
     stages.append(Stage("scratch", "classify", "student", student))
@@ -114,20 +135,26 @@ def read_results(workdir: str) -> Dict[str, Any]:
   path = os.path.join(workdir, RESULTS)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); delete it: finished stages are "
+                     "then only evaluated again from their final checkpoints.") from None
 
 
 def write_json(path: str, obj) -> None:
   """Atomic write (temp file + rename): a kill never leaves a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  checkpoints.write_json_atomic(path, obj)
 
 
 class MetricsWriter:
-  """JSON lines of one stage, from process 0; a resume drops lines past its step."""
+  """JSON lines of one stage, from process 0.
+
+  On resume from step `start_step`, keeps the lines written up to that checkpoint and
+  drops the rest (steps that will be recomputed, a line cut by a kill, and a final
+  evaluation written before a kill), so the file reads as if never interrupted.
+  """
 
   def __init__(self, path: str, start_step: int):
     self.path = path
@@ -139,10 +166,12 @@ class MetricsWriter:
       with open(path) as f:
         for line in f:
           try:
-            if json.loads(line).get("step", 0) <= start_step:
-              kept.append(line if line.endswith("\n") else line + "\n")
+            record = json.loads(line)
           except json.JSONDecodeError:
-            pass  # A line cut by a kill.
+            continue  # A line cut by a kill.
+          step = record.get("step", 0)
+          if step < start_step or (step == start_step and not record.get("final")):
+            kept.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
       f.writelines(kept)
 
@@ -152,8 +181,8 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
 
 
-def _fingerprint(config, stage: Stage) -> Dict[str, Any]:
-  """What must match for a stage directory to be resumed by this config."""
+def _legacy_fingerprint(config, stage: Stage) -> Dict[str, Any]:
+  """The fingerprint of fsp_jax 0.1.0 workdirs, still accepted so they can resume."""
   spec = config[stage.role]
   return _jsonable({"stage": stage.name, "kind": stage.kind, "model": spec.model,
           "width_multiplier": spec.width_multiplier, "data": config.data.to_dict(),
@@ -161,13 +190,89 @@ def _fingerprint(config, stage: Stage) -> Dict[str, Any]:
           "init_from": stage.init_from})
 
 
+def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
+  """What must match for a stage directory to be resumed by this config.
+
+  Includes what the stage's weights depend on: its own model, data, seed and schedule,
+  and the fingerprints of the stages it reads (the teacher for stage 1, `init_from`).
+  """
+  out = _legacy_fingerprint(config, stage)
+  out["half_precision"] = bool(config.half_precision)
+  by_name = {s.name: s for s in stages}
+  if stage.kind == "fsp":
+    out["fsp"] = _jsonable({k: config.fsp[k] for k in ("fsp_pairs", "weights", "pool")})
+    if "teacher" in by_name:
+      out["teacher"] = fingerprint(config, by_name["teacher"], stages)
+    else:
+      out["teacher"] = _jsonable({"checkpoint": os.path.abspath(config.teacher.checkpoint),
+                                  "model": config.teacher.model,
+                                  "width_multiplier": config.teacher.width_multiplier})
+  if stage.init_from:
+    out["init"] = fingerprint(config, by_name[stage.init_from], stages)
+  return out
+
+
 def _jsonable(obj):
   """As it reads back from JSON (tuples become lists), so fingerprints compare."""
   return json.loads(json.dumps(obj))
 
 
+def _first_difference(there, here, path: str = "") -> str:
+  """Names the first field where two fingerprints differ, e.g. 'seed: 1 there, 0 here'."""
+  if isinstance(there, dict) and isinstance(here, dict):
+    for key in sorted(set(there) | set(here)):
+      if there.get(key) != here.get(key):
+        return _first_difference(there.get(key), here.get(key),
+                                 f"{path}.{key}" if path else key)
+  return f"{path or 'fingerprint'}: {there!r} there, {here!r} here"
+
+
 class Preempted(Exception):
-  """Raised after SIGTERM once a checkpoint has been written."""
+  """Raised after SIGTERM (or a preemption notice) once a checkpoint has been written."""
+
+
+class PreemptionWatch:
+  """Says when to save and stop: after SIGTERM, at the same step on every process.
+
+  One process: a SIGTERM handler sets a flag (restored on exit). Several processes:
+  JAX's preemption service (started by `jax.distributed.initialize`, which takes over
+  SIGTERM) makes every process stop at one agreed step, so that all of them join the
+  collective save; `reached` must then be called at every step by every process.
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self._multi = jax.process_count() > 1
+    self._old_handler = None
+    self._ticks = 0  # Steps run by this process, all stages: the same on every process.
+
+  def __enter__(self):
+    if not self._multi and _main_thread():
+      self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc):
+    if self._old_handler is not None:
+      signal.signal(signal.SIGTERM, self._old_handler)
+      self._old_handler = None
+
+  def _on_sigterm(self, signum, frame):
+    log.warning("SIGTERM: saving a checkpoint after this step, then exiting.")
+    self.signalled = True
+
+  def reached(self) -> bool:
+    """Call once per training step; True where this step must be saved and the run end."""
+    self._ticks += 1
+    if self._multi:
+      self.signalled = self.signalled or multihost_utils.reached_preemption_sync_point(
+          self._ticks)
+    return self.signalled
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (a no-op with one), e.g. after process 0 wrote a file."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class Pipeline:
@@ -178,7 +283,10 @@ class Pipeline:
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.dataset = data.load_dataset(config.data)
-    self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    # Process-major device order: process p's devices hold rows p*B/P..(p+1)*B/P-1 of
+    # the global batch, the slice `data.train_batch` gives it.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     nc = self.dataset.num_classes
     self.models = {"teacher": build_model(config, "teacher", nc),
@@ -186,14 +294,40 @@ class Pipeline:
     self.mean = jax.device_put(jnp.asarray(self.dataset.mean), self.replicated)
     self.std = jax.device_put(jnp.asarray(self.dataset.std), self.replicated)
     self.stages = plan_stages(config)
-    check_fsp_compatible(self.models["teacher"], self.models["student"],
-                         self.dataset.image_shape, config)
+    if not config.teacher_only:
+      check_fsp_compatible(self.models["teacher"], self.models["student"],
+                           self.dataset.image_shape, config)
+    self.fingerprints = {s.name: fingerprint(config, s, self.stages) for s in self.stages}
+    for stage in self.stages:
+      self.check_stage_dir(stage)
     self._teacher_variables = None
-    self._sigterm = False
+    self._track_nonfinite = jax.jit(train.track_nonfinite)
+    self._all_finite = jax.jit(train.all_finite)
+    self.preemption = None
 
   # ---- helpers -------------------------------------------------------------------
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)
+
+  def check_stage_dir(self, stage: Stage) -> None:
+    """Refuses a stage directory made by another experiment, before anything is written."""
+    stage_dir = self.stage_dir(stage.name)
+    info = checkpoints.read_stage_info(stage_dir)
+    if info is None:
+      if checkpoints.has_checkpoints(stage_dir):
+        raise ValueError(
+            f"{stage_dir} holds checkpoints but no {checkpoints.STAGE_INFO}, so which "
+            "experiment wrote them is unknown; use a new --workdir, or delete that "
+            "directory to start the stage over.")
+      return
+    stored = info.get("fingerprint")
+    if stored in (self.fingerprints[stage.name],
+                  _legacy_fingerprint(self.config, stage)):
+      return
+    raise ValueError(
+        f"{stage_dir} holds a different experiment's stage {stage.name!r} "
+        f"({_first_difference(stored, self.fingerprints[stage.name])}); use a new "
+        "--workdir, or delete that directory to start the stage over.")
 
   def init_variables(self, role: str):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), ROLE_SEED[role])
@@ -253,27 +387,27 @@ class Pipeline:
   # ---- stages --------------------------------------------------------------------
   def run(self) -> Dict[str, Any]:
     results = read_results(self.workdir)
-    for stage in self.stages:
-      if stage.name in results:
-        log.info("[%s] finished earlier (%s); skipping.", stage.name,
-                 _summary(results[stage.name]))
-        continue
-      results[stage.name] = self.run_stage(stage)
-      if jax.process_index() == 0:
-        write_json(os.path.join(self.workdir, RESULTS), results)
+    with PreemptionWatch() as self.preemption:
+      for stage in self.stages:
+        if stage.name in results and os.path.isdir(self.stage_dir(stage.name)):
+          log.info("[%s] finished earlier (%s); skipping.", stage.name,
+                   _summary(results[stage.name]))
+          continue
+        results[stage.name] = self.run_stage(stage)
+        if jax.process_index() == 0:
+          write_json(os.path.join(self.workdir, RESULTS), results)
+        _sync(f"results {stage.name}")
+        if self.preemption.signalled and stage is not self.stages[-1]:
+          raise Preempted(f"[{stage.name}] SIGTERM: stage finished and saved.")
     return results
 
   def run_stage(self, stage: Stage) -> Dict[str, Any]:
     cfg, sched = self.config, stage.schedule
     stage_dir = self.stage_dir(stage.name)
-    fingerprint = _fingerprint(cfg, stage)
-    info = checkpoints.read_stage_info(stage_dir)
-    if info is not None and info.get("fingerprint") != fingerprint:
-      raise ValueError(
-          f"{stage_dir} holds a different experiment's stage {stage.name!r} (its config "
-          "differs from this one); use a new --workdir, or delete that directory to "
-          "start the stage over.")
-    wall_before = info.get("wall_time_s", 0.0) if info else 0.0
+    # stage.json first: no checkpoint exists without the fingerprint of its experiment.
+    if jax.process_index() == 0:
+      checkpoints.write_stage_info(stage_dir, {"fingerprint": self.fingerprints[stage.name]})
+    _sync(f"stage.json {stage.name}")
 
     model = self.models[stage.role]
     variables = self.init_variables(stage.role)
@@ -289,37 +423,41 @@ class Pipeline:
 
     mngr = checkpoints.manager(stage_dir, cfg.max_checkpoints_to_keep)
     start = mngr.latest_step() or 0
+    # Wall time of the steps the restored checkpoint holds; steps redone after a kill
+    # are not counted twice.
+    wall_before = 0.0
     if start:
-      state = checkpoints.restore_state(mngr, start, state)
+      state, meta = checkpoints.restore_state(mngr, start, state)
+      wall_before = float(meta.get("wall_time_s", 0.0))
       log.info("[%s] resumes from its checkpoint at step %d.", stage.name, start)
-    if jax.process_index() == 0:
-      checkpoints.write_stage_info(stage_dir, {"fingerprint": fingerprint,
-                                               "wall_time_s": wall_before})
     metrics = MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), start)
     step_fn = self.make_train_step(stage)
 
     total = sched.num_steps
     log.info("[%s] %s of %s (%s), steps %d..%d, batch %d.", stage.name, stage.kind,
              cfg[stage.role].model, stage.role, start, total, sched.batch_size)
-    old_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
-                   if _main_thread() else None)
     t_stage = time.time()
     t_log, step_log = time.time(), start
     last_saved = start
+    first_bad = jax.device_put((jnp.int32(-1), jnp.float32(0)), self.replicated)
+
+    def save(step):
+      self._check_finite(stage, first_bad, state, step, mngr, last_saved)
+      checkpoints.save(mngr, step, state,
+                       {"wall_time_s": wall_before + time.time() - t_stage})
+
     try:
       batches = data.train_batches(self.dataset, self.mesh, sched.batch_size, cfg.seed,
                                    start, total, augment=sched.augment,
                                    pad=cfg.data.pad, flip=cfg.data.flip)
-      step_metrics = None
       for step, batch in batches:
         state, step_metrics = step_fn(state, batch)
         done = step + 1
+        first_bad = self._track_nonfinite(first_bad, step_metrics["loss"], done)
+        preempted = self.preemption is not None and self.preemption.reached()
         if done % cfg.log_every == 0 or done == total:
+          self._check_finite(stage, first_bad, None, done, mngr, last_saved)
           m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          if not np.isfinite(m["loss"]):
-            raise FloatingPointError(
-                f"[{stage.name}] loss became {m['loss']} at step {done}; the last good "
-                f"checkpoint (step {last_saved}) is kept. Lower the learning rate.")
           now = time.time()
           ips = (done - step_log) * sched.batch_size / max(now - t_log, 1e-9)
           eta = (total - done) * sched.batch_size / max(ips, 1e-9)
@@ -330,24 +468,20 @@ class Pipeline:
           t_log, step_log = now, done
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
           metrics.write({"step": done, **self.evaluate(stage, state.variables)})
-        if done % cfg.checkpoint_every == 0 or done == total or self._sigterm:
-          checkpoints.save(mngr, done, state)
+        if done % cfg.checkpoint_every == 0 or done == total or preempted:
+          save(done)
           last_saved = done
-          self._record_wall(stage_dir, fingerprint, wall_before + time.time() - t_stage)
-        if self._sigterm:
+        if preempted:
           mngr.wait_until_finished()
           raise Preempted(f"[{stage.name}] SIGTERM: checkpoint at step {done} saved.")
       if last_saved != total:  # e.g. resumed at the final step.
-        checkpoints.save(mngr, total, state)
+        save(total)
       mngr.wait_until_finished()
     finally:
-      mngr.close()
-      if old_handler is not None:
-        signal.signal(signal.SIGTERM, old_handler)
+      mngr.close()  # Waits for a save in flight: the last good checkpoint completes.
     final = self.evaluate(stage, state.variables)
     wall = wall_before + time.time() - t_stage
-    self._record_wall(stage_dir, fingerprint, wall)
-    metrics.write({"step": total, **final})
+    metrics.write({"step": total, "final": True, **final})
     result = {"kind": stage.kind, "model": cfg[stage.role].model, "steps": total,
               "wall_time_s": round(wall, 1), **final}
     log.info("[%s] done: %s", stage.name, _summary(result))
@@ -355,14 +489,25 @@ class Pipeline:
       self._teacher_variables = state.variables
     return result
 
-  def _record_wall(self, stage_dir, fingerprint, wall):
-    if jax.process_index() == 0:
-      checkpoints.write_stage_info(stage_dir, {"fingerprint": fingerprint,
-                                               "wall_time_s": wall})
+  def _check_finite(self, stage: Stage, first_bad, state, step: int, mngr,
+                    last_saved: int) -> None:
+    """Raises FloatingPointError where a loss so far, or `state`, is NaN or infinite.
 
-  def _on_sigterm(self, signum, frame):
-    log.warning("SIGTERM: saving a checkpoint after this step, then exiting.")
-    self._sigterm = True
+    Called at log steps (state None: the loss only) and before every save.
+    """
+    bad_step, bad_loss = (int(first_bad[0]), float(first_bad[1]))
+    if bad_step < 0 and (state is None or bool(self._all_finite(state.variables))):
+      return
+    mngr.wait_until_finished()
+    good = mngr.latest_step()
+    what = (f"the loss became {bad_loss} at step {bad_step}" if bad_step >= 0 else
+            f"the parameters became NaN or infinite by step {step}")
+    kept = (f"the last good checkpoint (step {good}) is kept" if good is not None
+            else "no checkpoint was written")
+    raise FloatingPointError(
+        f"[{stage.name}] {what}; training stopped and {kept}. Lower the learning "
+        f"rate (--config.{stage.schedule_field}.learning_rates) and rerun with a new "
+        f"--workdir (or delete {self.stage_dir(stage.name)} to redo the stage).")
 
 
 def _main_thread() -> bool:

@@ -11,7 +11,7 @@ over the global batch (no `axis_name`, no pmap).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -161,3 +161,21 @@ def accumulate(totals: Optional[Dict[str, np.ndarray]], batch_sums) -> Dict[str,
   if totals is None:
     return {k: np.float64(v) for k, v in batch_sums.items()}
   return {k: totals[k] + np.float64(v) for k, v in batch_sums.items()}
+
+
+def track_nonfinite(first_bad: Tuple[jax.Array, jax.Array], loss: jax.Array,
+                    step) -> Tuple[jax.Array, jax.Array]:
+  """`(step, loss)` of the first non-finite loss seen so far; step is -1 while none.
+
+  Runs on the device after every training step, so the host learns the exact step of a
+  NaN or inf without waiting for each step's loss (which would stall dispatch).
+  """
+  bad_step, bad_loss = first_bad
+  new = (bad_step < 0) & ~jnp.isfinite(loss)
+  return jnp.where(new, step, bad_step), jnp.where(new, loss, bad_loss)
+
+
+def all_finite(tree) -> jax.Array:
+  """True where every array of `tree` (e.g. params and batch_stats) is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -1,0 +1,79 @@
+"""The fsp_jax command line with one injected fault, for tests/test_reliability.py.
+
+    FSP_FAULT=KIND:STAGE[:STEP] python tests/fault_injection.py --config ... --workdir ...
+
+KIND says where the process signals itself, so the test hits exact moments that an
+outside kill would only hit by luck:
+  mid_save:STAGE:STEP   SIGKILL while Orbax saves step STEP of STAGE: the first item
+                        is written into the temporary folder, the step is not committed.
+  before_results:STAGE  SIGKILL after STAGE finished (final checkpoint and metrics line
+                        written) with results.json.tmp half written, before the rename.
+  sigterm:STAGE:STEP    SIGTERM just before STAGE runs training step STEP (0-based).
+"""
+import os
+import signal
+import sys
+
+# This tree's fsp_jax, not an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fsp_jax import checkpoints, main, pipeline  # noqa: E402
+
+
+def _signal_self(sig):
+  sys.stderr.flush()
+  os.kill(os.getpid(), sig)
+
+
+def install(fault: str) -> None:
+  kind, stage, *rest = fault.split(":")
+  current = [None]
+  real_run_stage = pipeline.Pipeline.run_stage
+
+  def run_stage(self, s):
+    current[0] = s.name
+    return real_run_stage(self, s)
+
+  pipeline.Pipeline.run_stage = run_stage
+
+  if kind == "mid_save":
+    from orbax.checkpoint._src.path import atomicity
+    target = os.path.join(stage, checkpoints.CHECKPOINT_DIR, rest[0])
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self, *args, **kwargs):
+      # Item folders finalize first (into the step's temporary folder), the step last.
+      if target + "." in str(self._final_path) or str(self._final_path).endswith(target):
+        _signal_self(signal.SIGKILL)
+      return await real_finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+  elif kind == "before_results":
+    real_write = checkpoints.write_json_atomic
+
+    def write_json_atomic(path, obj):
+      if os.path.basename(path) == pipeline.RESULTS and stage in obj:
+        with open(path + ".tmp", "w") as f:
+          f.write('{"teacher": {"kind": ')  # Half a file.
+        _signal_self(signal.SIGKILL)
+      return real_write(path, obj)
+
+    checkpoints.write_json_atomic = write_json_atomic
+  elif kind == "sigterm":
+    real_batches = pipeline.data.train_batches
+
+    def train_batches(*args, **kwargs):
+      for step, batch in real_batches(*args, **kwargs):
+        if current[0] == stage and step == int(rest[0]):
+          _signal_self(signal.SIGTERM)
+        yield step, batch
+
+    pipeline.data.train_batches = train_batches
+  else:
+    raise SystemExit(f"unknown FSP_FAULT kind {kind!r}")
+
+
+if __name__ == "__main__":
+  if os.environ.get("FSP_FAULT"):
+    install(os.environ["FSP_FAULT"])
+  main.cli()

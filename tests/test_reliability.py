@@ -1,0 +1,243 @@
+"""Real processes killed and resumed, several processes, and bad input at the CLI.
+
+Every run here is the real command line in a subprocess on `configs/tiny.py`. They
+share a persistent JAX compilation cache, so only the first run of a program compiles
+(seconds instead of tens of seconds on 2 cores); a cached executable computes exactly
+what a fresh compile does.
+"""
+import glob
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fsp_jax import checkpoints, config_lib, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+FAULTS = os.path.join(REPO, "tests", "fault_injection.py")
+STAGES = ("teacher", "fsp", "student", "scratch")
+
+
+# The subprocess runs use 2 CPU devices (1 per process in the two-process runs): data
+# parallel, and the single-process reference for the multi-host test.
+def _with_devices(env, n):
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return dict(env, XLA_FLAGS=" ".join(flags + [
+      f"--xla_force_host_platform_device_count={n}"]))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return _with_devices(dict(
+      os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1"), 2)
+
+
+# A loss at every step: the curves compared below are complete.
+COMMON = ("--config.log_every=1",)
+
+
+def _cmd(workdir, *args, fault=None):
+  entry = [FAULTS] if fault else ["-m", "fsp_jax.main"]
+  return [sys.executable, *entry, "--config", TINY, "--workdir", str(workdir), *COMMON,
+          *args]
+
+
+def run_cli(env, workdir, *args, fault=None, timeout=600):
+  """Runs the CLI to its end; returns (exit status, stdout + stderr)."""
+  proc = subprocess.run(_cmd(workdir, *args, fault=fault), cwd=REPO,
+                        env=dict(env, FSP_FAULT=fault or ""), capture_output=True,
+                        text=True, timeout=timeout)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_cli_until(env, workdir, pattern, sig, *args):
+  """Runs the CLI and sends it `sig` as soon as a line containing `pattern` appears."""
+  proc = subprocess.Popen(_cmd(workdir, *args), cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if pattern in line:
+      proc.send_signal(sig)
+      break
+  lines += proc.stdout.readlines()
+  return proc.wait(timeout=600), "".join(lines)
+
+
+def committed_steps(stage_dir):
+  path = os.path.join(stage_dir, checkpoints.CHECKPOINT_DIR)
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+
+
+def tmp_folders(stage_dir):
+  return glob.glob(os.path.join(stage_dir, checkpoints.CHECKPOINT_DIR, "*tmp*"))
+
+
+def metrics(stage_dir):
+  """metrics.jsonl without the timing field (the only one a restart may change)."""
+  with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  for r in records:
+    r.pop("images_per_s", None)
+  return records
+
+
+def final_weights(stage_dir):
+  """The model item of a stage's last committed checkpoint, on one device."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(stage_dir, checkpoints.CHECKPOINT_DIR,
+                      str(committed_steps(stage_dir)[-1]), "model")
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          meta)
+    return jax.device_get(ckptr.restore(path, target))
+
+
+def tree_digest(path):
+  """A hash of every file under `path` (names and bytes): shows nothing was rewritten."""
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      h.update(os.path.relpath(full, path).encode())
+      with open(full, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def clean_run(env, tmp_path_factory):
+  """The uninterrupted run (one process, two devices) others are compared with."""
+  workdir = tmp_path_factory.mktemp("clean")
+  rc, out = run_cli(env, workdir)
+  assert rc == 0, out
+  return workdir
+
+
+def assert_same_run(workdir, clean):
+  """Same results.json numbers, metrics and final weights as the uninterrupted run."""
+  got = json.load(open(os.path.join(workdir, pipeline.RESULTS)))
+  want = json.load(open(os.path.join(clean, pipeline.RESULTS)))
+  assert got.keys() == want.keys()
+  for name in want:
+    for key in ("steps", "test_accuracy", "test_loss", "test_fsp_loss"):
+      assert got[name].get(key) == want[name].get(key), (name, key)
+    assert metrics(os.path.join(workdir, name)) == metrics(os.path.join(clean, name)), name
+    jax.tree.map(np.testing.assert_array_equal, final_weights(os.path.join(workdir, name)),
+                 final_weights(os.path.join(clean, name)))
+
+
+def test_killed_anywhere_then_resumed_equals_uninterrupted(env, clean_run, tmp_path):
+  workdir = tmp_path / "run"
+
+  # 1. SIGKILL mid-save of the teacher's step 8: the step stays a temporary folder.
+  rc, out = run_cli(env, workdir, fault="mid_save:teacher:8")
+  assert rc == -signal.SIGKILL, out
+  assert committed_steps(workdir / "teacher") == [4]
+  assert tmp_folders(workdir / "teacher"), "the kill should leave a cut-short save"
+  assert not (workdir / pipeline.RESULTS).exists()
+
+  # 2. Resumes the teacher from step 4 (the cut-short save is deleted), then an outside
+  # SIGKILL lands somewhere in stage 1 after its step 4.
+  rc, out = run_cli_until(env, workdir, "[fsp] step 4/8", signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out
+  assert "[teacher] resumes from its checkpoint at step 4" in out
+  assert not tmp_folders(workdir / "teacher")
+  assert list(json.load(open(workdir / pipeline.RESULTS))) == ["teacher"]
+
+  # 3. SIGKILL after stage 2's final checkpoint and metrics, mid-way through writing
+  # results.json (its temporary file is half written).
+  rc, out = run_cli(env, workdir, fault="before_results:student")
+  assert rc == -signal.SIGKILL, out
+  assert committed_steps(workdir / "student")[-1] == 8
+  assert (workdir / (pipeline.RESULTS + ".tmp")).exists()
+  assert "student" not in json.load(open(workdir / pipeline.RESULTS))
+
+  # 4. SIGTERM before the scratch baseline's step 5 (0-based): it saves step 6, an
+  # off-schedule step, and exits with 143.
+  rc, out = run_cli(env, workdir, fault="sigterm:scratch:5")
+  assert rc == 143, out
+  assert "[student] resumes from its checkpoint at step 8" in out
+  assert "checkpoint at step 6 saved" in out and "Traceback" not in out
+  assert committed_steps(workdir / "scratch")[-1] == 6
+  assert not tmp_folders(workdir / "scratch")
+
+  # 5. Finishes.
+  rc, out = run_cli(env, workdir)
+  assert rc == 0, out
+  assert "[scratch] resumes from its checkpoint at step 6" in out
+  assert_same_run(workdir, clean_run)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(env, workdir, sigterm_at=None):
+  """Two CLI processes of one run on loopback, one CPU device each.
+
+  With `sigterm_at`, process 0 gets SIGTERM when it logs a line containing it.
+  Returns [(exit status, output)] of processes 0 and 1.
+  """
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={i}"),
+      cwd=REPO, env=_with_devices(env, 1), text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT) for i in range(2)]
+  out0 = []
+  for line in procs[0].stdout:
+    out0.append(line)
+    if sigterm_at and sigterm_at in line:
+      procs[0].send_signal(signal.SIGTERM)
+      sigterm_at = None
+  out1 = procs[1].stdout.read()
+  return [(procs[0].wait(timeout=600), "".join(out0)), (procs[1].wait(timeout=600), out1)]
+
+
+def test_two_processes_match_one_process_with_two_devices(env, clean_run, tmp_path):
+  workdir = tmp_path / "two"
+  # SIGTERM reaches process 0 only; JAX's preemption service stops both at one step.
+  (rc0, out0), (rc1, out1) = run_two_processes(env, workdir, sigterm_at="[fsp] step 3/8")
+  assert (rc0, rc1) == (143, 143), out0 + out1
+  saved = [line.split("checkpoint at step ")[1].split()[0]
+           for line in (out0 + out1).splitlines() if "checkpoint at step" in line]
+  assert len(saved) == 2 and saved[0] == saved[1], out0 + out1
+  assert committed_steps(workdir / "fsp")[-1] == int(saved[0])
+
+  (rc0, out0), (rc1, out1) = run_two_processes(env, workdir)
+  assert (rc0, rc1) == (0, 0), out0 + out1
+  assert f"[fsp] resumes from its checkpoint at step {saved[0]}" in out0
+  assert "results:" in out0 and "results:" not in out1  # Reports from process 0 only.
+  assert "[teacher]" not in out1  # Progress lines too.
+
+  got = json.load(open(workdir / pipeline.RESULTS))
+  want = json.load(open(clean_run / pipeline.RESULTS))
+  assert got.keys() == want.keys()
+  for name in STAGES:
+    a, b = metrics(workdir / name), metrics(clean_run / name)
+    assert [r["step"] for r in a] == [r["step"] for r in b], name  # No duplicates.
+    for ra, rb in zip(a, b):
+      for key in ("loss", "accuracy", "test_loss", "test_fsp_loss"):
+        if key in rb:
+          np.testing.assert_allclose(ra[key], rb[key], rtol=1e-4, err_msg=(name, ra))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
+                 final_weights(workdir / name), final_weights(clean_run / name))
