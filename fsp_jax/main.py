@@ -11,6 +11,7 @@ pods, SLURM and other clusters JAX detects), or with `--coordinator_address`,
 """
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -50,12 +51,16 @@ def _parse_flags(argv):
     FLAGS.config.get("seed")  # Loads the config file now, so a bad path fails here.
   except flags.Error as e:
     _fail(f"{_first_line(e)}; see --helpfull for the flags.")
-  except (AttributeError, KeyError) as e:
-    key = str(e).strip("\"' ")
+  except (AttributeError, KeyError) as e:  # ml_collections: no such config field.
+    text = str(e)
+    key = re.search(r"[A-Za-z_]\w*", text)
+    key = key.group() if key else text
     args = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
     where = f" in {args[0]}" if args else ""
-    _fail(f"unknown config field {key!r}{where}; the fields are those of "
-          "fsp_jax/config_lib.py (check the spelling and the dotted path).")
+    guess = re.search(r'Did you mean \W*"(\w+)\W*"', text)
+    fix = f"did you mean {guess.group(1)!r}? " if guess else ""
+    _fail(f"unknown config field {key!r}{where}; {fix}the fields are those of "
+          "fsp_jax/config_lib.py.")
   except (OSError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the --config file: {_first_line(e)}; give a path such as "
           "configs/quickstart.py.")

@@ -304,6 +304,8 @@ class Pipeline:
     self._track_nonfinite = jax.jit(train.track_nonfinite)
     self._all_finite = jax.jit(train.all_finite)
     self.preemption = None
+    if config.teacher.checkpoint and not config.teacher_only:
+      self.teacher_variables()  # A missing or misfitting teacher fails before any write.
 
   # ---- helpers -------------------------------------------------------------------
   def stage_dir(self, name: str) -> str:
@@ -336,13 +338,21 @@ class Pipeline:
                         out_shardings=self.replicated)(rng)
     return variables
 
+  def abstract_variables(self, role: str):
+    """Shapes, dtypes and (replicated) shardings of `role`'s variables; no compute."""
+    shapes = jax.eval_shape(functools.partial(
+        train.init_variables, self.models[role], image_shape=self.dataset.image_shape),
+        jax.random.PRNGKey(0))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
   def teacher_variables(self):
     if self._teacher_variables is None:
       path = self.config.teacher.checkpoint or self.stage_dir("teacher")
       what = ("teacher checkpoint" if self.config.teacher.checkpoint
               else "teacher stage checkpoint")
-      template = self.init_variables("teacher")
-      self._teacher_variables, _ = checkpoints.restore_model(path, template, what)
+      self._teacher_variables, _ = checkpoints.restore_model(
+          path, self.abstract_variables("teacher"), what)
     return self._teacher_variables
 
   def evaluate(self, stage: Stage, variables) -> Dict[str, float]:
@@ -410,12 +420,14 @@ class Pipeline:
     _sync(f"stage.json {stage.name}")
 
     model = self.models[stage.role]
-    variables = self.init_variables(stage.role)
     if stage.init_from:
       variables, from_step = checkpoints.restore_model(
-          self.stage_dir(stage.init_from), variables, f"stage {stage.init_from!r} checkpoint")
+          self.stage_dir(stage.init_from), self.abstract_variables(stage.role),
+          f"stage {stage.init_from!r} checkpoint")
       log.info("[%s] starts from stage %r's weights (its step %d).", stage.name,
                stage.init_from, from_step)
+    else:
+      variables = self.init_variables(stage.role)
     lr_fn = train.create_learning_rate_fn(sched.learning_rates, sched.boundaries)
     tx = train.create_optimizer(lr_fn, sched.momentum, sched.weight_decay)
     state = jax.jit(lambda v: train.create_train_state(model, v, tx),

@@ -28,3 +28,26 @@ def cifar10_folder(tmp_path_factory):
   with tarfile.open(CIFAR_TARBALL) as tar:
     tar.extractall(out, filter="data")
   return str(out / "cifar10")
+
+
+def with_devices(env, n):
+  """`env` with XLA faking `n` CPU devices (for a subprocess)."""
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return dict(env, XLA_FLAGS=" ".join(flags + [
+      f"--xla_force_host_platform_device_count={n}"]))
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+  """Environment of command-line subprocesses: CPU, 2 devices, a shared compile cache.
+
+  The persistent JAX compilation cache lets only the first run of a program compile
+  (seconds instead of tens of seconds on 2 cores); a cached executable computes exactly
+  what a fresh compile does.
+  """
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return with_devices(dict(
+      os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1"), 2)

@@ -31,8 +31,8 @@ def test_image_folder_loads_both_splits(tmp_path):
 
 
 @pytest.mark.parametrize("breakage,message", [
-    ("missing_split", "no 'test' split"),
-    ("empty_class", "holds no"),
+    ("missing_split", "no 'test' split: expected"),
+    ("empty_class", "holds no .jpg/.jpeg/.png image; remove it or add images"),
     ("not_an_image", "not a readable image"),
 ])
 def test_image_folder_errors_name_the_problem(tmp_path, breakage, message):
@@ -45,8 +45,13 @@ def test_image_folder_errors_name_the_problem(tmp_path, breakage, message):
   else:
     with open(os.path.join(root, "train", "cat", "broken.jpg"), "w") as f:
       f.write("not a jpeg")
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError) as error:
     data.load_image_folder(root)
+  # One line naming the problem and the fix (the CLI prints it as `fsp_jax: error:`,
+  # see test_pipeline.py).
+  assert message in str(error.value) and "\n" not in str(error.value)
+  if breakage == "not_an_image":
+    assert "broken.jpg" in str(error.value) and "remove it" in str(error.value)
 
 
 def test_digits_is_real_bundled_data():

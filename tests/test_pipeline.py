@@ -1,4 +1,5 @@
 """End to end: a tiny pipeline, stage hand-over, resume, and CLI errors."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,21 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  config = config_lib.get_config()
-  config.data.source = "digits"
-  config.data.image_size = (8, 8)
-  config.data.pad = 1
-  config.teacher.model = "cifar_resnet8"
-  config.student.model = "cifar_resnet8"
-  config.teacher.schedule = config_lib.schedule(12, (0.1, 0.01), (8,), batch_size=32)
-  config.fsp.schedule = config_lib.schedule(8, (1e-3,), (), batch_size=32)
-  config.student.schedule = config_lib.schedule(8, (0.1, 0.01), (5,), batch_size=32)
-  config.baselines = ("scratch",)
-  config.eval_batch_size = 120
-  config.eval_every = 4
-  config.log_every = 4
-  config.checkpoint_every = 4
-  return config
+  """configs/tiny.py: digits at 8x8, ResNet-8 teacher and student, a few steps."""
+  spec = importlib.util.spec_from_file_location(
+      "tiny_config", os.path.join(REPO, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _final_model(stage_dir, template):
@@ -118,24 +110,62 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
-def _cli(*args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _cli(env, *args, cwd=REPO):
   return subprocess.run([sys.executable, "-m", "fsp_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=600)
+
+
+def _assert_one_line_error(proc, message):
+  assert proc.returncode == 2, proc.stderr
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("fsp_jax: error")]
+  assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.no_such_field=1"], "no_such_field"),
+    (["--config.no_such_field=1"], "unknown config field 'no_such_field'"),
+    (["--config.data.sorce=digits"], "unknown config field 'sorce'"),
+    (["--config=configs/no_such_config.py"], "cannot load the --config file"),
     (["--config.data.source=tfds", "--config.data.name=no_such_dataset_xyz"],
      "unknown tensorflow-datasets data set"),
+    (["--config.data.source=imagenet_csv"], "unknown data source 'imagenet_csv'"),
+    (["--config.data.source=folder", "--config.data.root=FOLDER"],
+     "is not a readable image"),
     (["--config.teacher.checkpoint=/nonexistent/teacher"], "teacher checkpoint"),
     (["--config.teacher.width_multiplier=2"], "cannot be paired for FSP"),
+    (["--config.fsp.fsp_pairs=((0,9),)"], "FSP pair (0, 9) is out of range"),
     (["--config.teacher.model=cifar_resnet27"], "unknown model"),
+    (["--num_processes=2"], "go together"),
 ])
-def test_cli_bad_input_is_a_one_line_error(tmp_path, args, message):
-  proc = _cli("--workdir", str(tmp_path), *args)
-  assert proc.returncode != 0
-  assert message in proc.stderr
-  if "no_such_field" not in args[0]:
-    error_lines = [l for l in proc.stderr.splitlines() if l.startswith("fsp_jax: error")]
-    assert len(error_lines) == 1 and "Traceback" not in proc.stderr
+def test_cli_bad_input_is_a_one_line_error(tmp_path, cli_env, args, message):
+  if any("FOLDER" in a for a in args):
+    from test_data import _write_folder
+    root = _write_folder(tmp_path / "images")
+    with open(os.path.join(root, "test", "dog", "broken.jpg"), "w") as f:
+      f.write("not a jpeg")
+    args = [a.replace("FOLDER", root) for a in args]
+  workdir = tmp_path / "w"
+  proc = _cli(cli_env, "--config", os.path.join(REPO, "configs", "tiny.py"),
+              "--workdir", str(workdir), *args)
+  _assert_one_line_error(proc, message)
+  assert not os.path.exists(workdir / "teacher")  # Refused before anything was written.
+
+
+def test_cli_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cli_env):
+  # The learning rate explodes after step 8: the loss is NaN at step 11, between the
+  # log steps (every 4), and is still reported at its exact step.
+  workdir = tmp_path / "w"
+  proc = _cli(cli_env, "--config", os.path.join(REPO, "configs", "tiny.py"),
+              "--workdir", str(workdir), "--config.teacher_only=True",
+              "--config.teacher.schedule.learning_rates=(0.1,1e30)")
+  _assert_one_line_error(proc, "[teacher] the loss became nan at step 11; training "
+                         "stopped and the last good checkpoint (step 8) is kept")
+  assert "--config.teacher.schedule.learning_rates" in proc.stderr
+  stage_dir = workdir / "teacher"
+  assert sorted(os.listdir(stage_dir / checkpoints.CHECKPOINT_DIR)) == ["4", "8"]
+  p = pipeline.Pipeline(tiny_config(), str(tmp_path / "other"))
+  template = p.abstract_variables("teacher")
+  variables, step = checkpoints.restore_model(str(stage_dir), template)
+  assert step == 8
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+  assert not os.path.exists(workdir / pipeline.RESULTS)

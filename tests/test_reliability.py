@@ -1,9 +1,8 @@
-"""Real processes killed and resumed, several processes, and bad input at the CLI.
+"""Real processes killed and resumed, several processes, and workdirs that do not fit.
 
-Every run here is the real command line in a subprocess on `configs/tiny.py`. They
-share a persistent JAX compilation cache, so only the first run of a program compiles
-(seconds instead of tens of seconds on 2 cores); a cached executable computes exactly
-what a fresh compile does.
+Every run here is the real command line in a subprocess on `configs/tiny.py` (2 CPU
+devices, see conftest's `cli_env`), without the scratch baseline: teacher, stage 1,
+stage 2.
 """
 import glob
 import hashlib
@@ -18,34 +17,22 @@ import jax
 import numpy as np
 import pytest
 
-from fsp_jax import checkpoints, config_lib, pipeline
+from conftest import with_devices
+from fsp_jax import checkpoints, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 FAULTS = os.path.join(REPO, "tests", "fault_injection.py")
-STAGES = ("teacher", "fsp", "student", "scratch")
-
-
-# The subprocess runs use 2 CPU devices (1 per process in the two-process runs): data
-# parallel, and the single-process reference for the multi-host test.
-def _with_devices(env, n):
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return dict(env, XLA_FLAGS=" ".join(flags + [
-      f"--xla_force_host_platform_device_count={n}"]))
+STAGES = ("teacher", "fsp", "student")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return _with_devices(dict(
-      os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1"), 2)
+def env(cli_env):
+  return cli_env
 
 
 # A loss at every step: the curves compared below are complete.
-COMMON = ("--config.log_every=1",)
+COMMON = ("--config.log_every=1", "--config.baselines=()")
 
 
 def _cmd(workdir, *args, fault=None):
@@ -161,27 +148,27 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(env, clean_run, tmp_p
   assert not tmp_folders(workdir / "teacher")
   assert list(json.load(open(workdir / pipeline.RESULTS))) == ["teacher"]
 
-  # 3. SIGKILL after stage 2's final checkpoint and metrics, mid-way through writing
+  # 3. SIGKILL after stage 1's final checkpoint and metrics, mid-way through writing
   # results.json (its temporary file is half written).
-  rc, out = run_cli(env, workdir, fault="before_results:student")
+  rc, out = run_cli(env, workdir, fault="before_results:fsp")
   assert rc == -signal.SIGKILL, out
-  assert committed_steps(workdir / "student")[-1] == 8
+  assert committed_steps(workdir / "fsp")[-1] == 8
   assert (workdir / (pipeline.RESULTS + ".tmp")).exists()
-  assert "student" not in json.load(open(workdir / pipeline.RESULTS))
+  assert "fsp" not in json.load(open(workdir / pipeline.RESULTS))
 
-  # 4. SIGTERM before the scratch baseline's step 5 (0-based): it saves step 6, an
-  # off-schedule step, and exits with 143.
-  rc, out = run_cli(env, workdir, fault="sigterm:scratch:5")
+  # 4. Stage 1 is only evaluated again; SIGTERM before stage 2's step 5 (0-based): it
+  # saves step 6, an off-schedule step, and exits with 143.
+  rc, out = run_cli(env, workdir, fault="sigterm:student:5")
   assert rc == 143, out
-  assert "[student] resumes from its checkpoint at step 8" in out
+  assert "[fsp] resumes from its checkpoint at step 8" in out
   assert "checkpoint at step 6 saved" in out and "Traceback" not in out
-  assert committed_steps(workdir / "scratch")[-1] == 6
-  assert not tmp_folders(workdir / "scratch")
+  assert committed_steps(workdir / "student")[-1] == 6
+  assert not tmp_folders(workdir / "student")
 
   # 5. Finishes.
   rc, out = run_cli(env, workdir)
   assert rc == 0, out
-  assert "[scratch] resumes from its checkpoint at step 6" in out
+  assert "[student] resumes from its checkpoint at step 6" in out
   assert_same_run(workdir, clean_run)
 
 
@@ -201,7 +188,7 @@ def run_two_processes(env, workdir, sigterm_at=None):
   procs = [subprocess.Popen(
       _cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}"),
-      cwd=REPO, env=_with_devices(env, 1), text=True, stdout=subprocess.PIPE,
+      cwd=REPO, env=with_devices(env, 1), text=True, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT) for i in range(2)]
   out0 = []
   for line in procs[0].stdout:
@@ -241,3 +228,39 @@ def test_two_processes_match_one_process_with_two_devices(env, clean_run, tmp_pa
           np.testing.assert_allclose(ra[key], rb[key], rtol=1e-4, err_msg=(name, ra))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
                  final_weights(workdir / name), final_weights(clean_run / name))
+
+
+def assert_one_line_error(rc, out, message):
+  assert rc == 2, out
+  errors = [line for line in out.splitlines() if line.startswith("fsp_jax: error: ")]
+  assert len(errors) == 1 and message in errors[0], out
+  assert "Traceback" not in out
+
+
+def test_teacher_checkpoint_of_another_architecture(env, clean_run, tmp_path):
+  teacher = clean_run / "teacher"  # A trained cifar_resnet8.
+  before = tree_digest(teacher)
+  rc, out = run_cli(env, tmp_path / "w", f"--config.teacher.checkpoint={teacher}",
+                    "--config.teacher.model=cifar_resnet14")
+  assert_one_line_error(rc, out, "does not fit the configured architecture")
+  assert tree_digest(teacher) == before
+  assert not (tmp_path / "w" / "fsp").exists()  # Refused before anything was written.
+
+
+def test_workdir_of_another_experiment_is_refused_untouched(env, clean_run, tmp_path):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(clean_run, workdir)
+  before = tree_digest(workdir)
+  rc, out = run_cli(env, workdir, "--config.seed=1")
+  assert_one_line_error(rc, out, "holds a different experiment's stage 'teacher' "
+                        "(seed: 0 there, 1 here)")
+  rc, out = run_cli(env, workdir, "--config.fsp.pool=avg")
+  assert_one_line_error(rc, out, "stage 'fsp' (fsp.pool: 'max' there, 'avg' here)")
+  assert tree_digest(workdir) == before
+  # Checkpoints whose experiment is unknown (no stage.json) are refused too.
+  os.remove(workdir / "student" / checkpoints.STAGE_INFO)
+  before = tree_digest(workdir)
+  rc, out = run_cli(env, workdir)
+  assert_one_line_error(rc, out, "holds checkpoints but no stage.json")
+  assert tree_digest(workdir) == before
