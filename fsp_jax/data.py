@@ -105,13 +105,25 @@ def _decode_image(path: str, size: Optional[Tuple[int, int]]) -> np.ndarray:
                      "folder or replace it.") from None
 
 
+_FOLDER_CACHE = {}
+
+
 def load_image_folder(root: str, image_size: Optional[Tuple[int, int]] = None,
                       num_workers: int = 8) -> Dataset:
   """Loads `ROOT/train/<class>/*` and `ROOT/test/<class>/*` (JPEG or PNG) into memory.
 
   Classes are the sub-folder names in sorted order (the same in both splits).
   `image_size` `(H, W)` resizes every image; without it all images must share a size.
+  Decoded folders are kept for the process's lifetime (several pipelines in one
+  process, e.g. `fsp_jax.reproduce`, decode once).
   """
+  key = (os.path.abspath(root), tuple(image_size) if image_size else None)
+  if key not in _FOLDER_CACHE:
+    _FOLDER_CACHE[key] = _load_image_folder(root, image_size, num_workers)
+  return _FOLDER_CACHE[key]
+
+
+def _load_image_folder(root, image_size, num_workers) -> Dataset:
   if not os.path.isdir(root):
     raise ValueError(f"image folder {root!r} does not exist; expected ROOT/train/<class>/ "
                      "and ROOT/test/<class>/ sub-folders.")

@@ -39,7 +39,8 @@ class Stage:
     kind: 'classify' (cross-entropy) or 'fsp' (stage 1).
     role: which architecture it trains: 'teacher' or 'student'.
     schedule: the stage's optimisation config (steps already scaled).
-    init_from: the stage whose final weights initialise this one, or None (random).
+    init_from: the stage (name, or a stage directory path) whose final weights
+      initialise this one, or None (random initialisation).
   """
   name: str
   kind: str
@@ -69,8 +70,13 @@ def plan_stages(config) -> List[Stage]:
                         scaled_schedule(config.teacher.schedule, scale)))
   if config.teacher_only:
     return stages
-  stages.append(Stage("fsp", "fsp", "student", scaled_schedule(config.fsp.schedule, scale)))
-  stages.append(Stage("student", "classify", "student", student, init_from="fsp"))
+  stage_one = "fsp"
+  if config.fsp.checkpoint:
+    stage_one = os.path.abspath(config.fsp.checkpoint)
+  else:
+    stages.append(Stage("fsp", "fsp", "student",
+                        scaled_schedule(config.fsp.schedule, scale)))
+  stages.append(Stage("student", "classify", "student", student, init_from=stage_one))
   if "scratch" in config.baselines:
     stages.append(Stage("scratch", "classify", "student", student))
   if "teacher_short" in config.baselines:
@@ -228,6 +234,22 @@ class Pipeline:
                                              self.std))
     return {"test_fsp_loss": float(totals["fsp_loss"] / totals["count"])}
 
+  def predict(self, role: str, variables) -> np.ndarray:
+    """Test-set logits `(N_test, num_classes)` of a `role` model, in inference mode."""
+    model = self.models[role]
+    fn = jax.jit(lambda v, b: model.apply(v, train.normalize(b["image"], self.mean,
+                                                             self.std), train=False)[0])
+    ds = self.dataset
+    out = [np.asarray(jax.device_get(fn(variables, batch)))
+           for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh,
+                                          self.config.eval_batch_size)]
+    return np.concatenate(out)[:len(ds.test_labels)]
+
+  def final_variables(self, stage_name: str, role: str):
+    """The final `{'params', 'batch_stats'}` of a finished stage of this workdir."""
+    return checkpoints.restore_model(self.stage_dir(stage_name),
+                                     self.init_variables(role))[0]
+
   @functools.lru_cache(maxsize=None)
   def _eval_classify(self, model):
     return jax.jit(functools.partial(train.eval_classify_step, model.apply))
@@ -278,8 +300,10 @@ class Pipeline:
     model = self.models[stage.role]
     variables = self.init_variables(stage.role)
     if stage.init_from:
+      init_dir = (stage.init_from if os.path.isabs(stage.init_from)
+                  else self.stage_dir(stage.init_from))
       variables, from_step = checkpoints.restore_model(
-          self.stage_dir(stage.init_from), variables, f"stage {stage.init_from!r} checkpoint")
+          init_dir, variables, f"stage-1 checkpoint {init_dir!r}")
       log.info("[%s] starts from stage %r's weights (its step %d).", stage.name,
                stage.init_from, from_step)
     lr_fn = train.create_learning_rate_fn(sched.learning_rates, sched.boundaries)
@@ -299,6 +323,8 @@ class Pipeline:
     step_fn = self.make_train_step(stage)
 
     total = sched.num_steps
+    eval_every = sched.get("eval_every", -1)
+    eval_every = cfg.eval_every if eval_every < 0 else eval_every
     log.info("[%s] %s of %s (%s), steps %d..%d, batch %d.", stage.name, stage.kind,
              cfg[stage.role].model, stage.role, start, total, sched.batch_size)
     old_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -328,7 +354,7 @@ class Pipeline:
                    total, m["loss"], ips, _hms(eta))
           metrics.write({"step": done, "learning_rate": lr, "images_per_s": ips, **m})
           t_log, step_log = now, done
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+        if eval_every and done % eval_every == 0 and done != total:
           metrics.write({"step": done, **self.evaluate(stage, state.variables)})
         if done % cfg.checkpoint_every == 0 or done == total or self._sigterm:
           checkpoints.save(mngr, done, state)
