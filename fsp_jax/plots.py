@@ -82,7 +82,8 @@ def plot_accuracy(workdirs: Sequence[str], path: Optional[str] = None):
     style = LINESTYLES[k % len(LINESTYLES)]
     for stage, xy in curves(workdir, "test_accuracy").items():
       ax_acc.plot(xy[:, 0], 100 * xy[:, 1], style, marker="o", markersize=3,
-                  color=STAGE_COLORS.get(stage), label=prefix + STAGE_LABELS.get(stage, stage))
+                  color=STAGE_COLORS.get(stage),
+                  label=prefix + STAGE_LABELS.get(stage, stage))
     for key, marker, what in (("loss", None, "train"), ("test_fsp_loss", "o", "test")):
       xy = curves(workdir, key).get("fsp")
       if xy is not None:
@@ -105,6 +106,8 @@ def plot_accuracy(workdirs: Sequence[str], path: Optional[str] = None):
 
 def _fingerprint(stage_dir: str) -> Dict[str, Any]:
   from fsp_jax import checkpoints
+  if os.path.basename(os.path.normpath(stage_dir)) == checkpoints.CHECKPOINT_DIR:
+    stage_dir = os.path.dirname(os.path.normpath(stage_dir))  # Its checkpoints/ folder.
   info = checkpoints.read_stage_info(stage_dir)
   if info is None or "fingerprint" not in info:
     raise FileNotFoundError(f"{stage_dir} has no stage.json; give a stage directory "

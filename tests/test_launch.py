@@ -39,7 +39,8 @@ def test_tpu_setup_and_detach(capsys):
                       "--git_ref", "v0.1", "--detach", "--dry_run")
   assert code == 0
   remote = shlex.split(out)[-1]
-  assert "git clone -q https://example.org/fsp_jax.git fsp_jax" in remote and "checkout -q v0.1" in remote
+  assert "git clone -q https://example.org/fsp_jax.git fsp_jax" in remote
+  assert "checkout -q v0.1" in remote
   assert "pip install -q -U 'jax[tpu]' -e fsp_jax" in remote
   assert "nohup python3 -m fsp_jax.main" in remote and "< /dev/null &" in remote
   assert "'--workdir=/mnt/nfs/my run'" in remote  # Quoted for the remote shell.
