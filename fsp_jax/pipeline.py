@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from fsp_jax import checkpoints, data, fsp, models, train
+from fsp_jax.metrics import MetricsWriter
 
 log = logging.getLogger("fsp_jax")
 RESULTS = "results.json"
@@ -130,32 +131,6 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
-
-
-class MetricsWriter:
-  """JSON lines of one stage, from process 0; a resume drops lines past its step."""
-
-  def __init__(self, path: str, start_step: int):
-    self.path = path
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    kept = []
-    if os.path.exists(path) and start_step > 0:
-      with open(path) as f:
-        for line in f:
-          try:
-            if json.loads(line).get("step", 0) <= start_step:
-              kept.append(line if line.endswith("\n") else line + "\n")
-          except json.JSONDecodeError:
-            pass  # A line cut by a kill.
-    with open(path, "w") as f:
-      f.writelines(kept)
-
-  def write(self, record: Dict[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _fingerprint(config, stage: Stage) -> Dict[str, Any]:
@@ -319,7 +294,7 @@ class Pipeline:
     if jax.process_index() == 0:
       checkpoints.write_stage_info(stage_dir, {"fingerprint": fingerprint,
                                                "wall_time_s": wall_before})
-    metrics = MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), start)
+    metrics = MetricsWriter(stage_dir, start, kind=stage.kind)
     step_fn = self.make_train_step(stage)
 
     total = sched.num_steps
