@@ -40,6 +40,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fsp_jax import checkpoints, data, fsp, models, train
+from fsp_jax.metrics import MetricsWriter
 
 log = logging.getLogger("fsp_jax")
 RESULTS = "results.json"
@@ -56,7 +57,8 @@ class Stage:
     kind: 'classify' (cross-entropy) or 'fsp' (stage 1).
     role: which architecture it trains: 'teacher' or 'student'.
     schedule: the stage's optimisation config (steps already scaled).
-    init_from: the stage whose final weights initialise this one, or None (random).
+    init_from: the stage (name, or a stage directory path) whose final weights
+      initialise this one, or None (random initialisation).
     schedule_field: the config field `schedule` comes from (for error messages).
   """
   name: str
@@ -89,9 +91,14 @@ def plan_stages(config) -> List[Stage]:
                         schedule_field="teacher.schedule"))
   if config.teacher_only:
     return stages
-  stages.append(Stage("fsp", "fsp", "student", scaled_schedule(config.fsp.schedule, scale),
-                      schedule_field="fsp.schedule"))
-  stages.append(Stage("student", "classify", "student", student, init_from="fsp"))
+  stage_one = "fsp"
+  if config.fsp.checkpoint:
+    stage_one = os.path.abspath(config.fsp.checkpoint)
+  else:
+    stages.append(Stage("fsp", "fsp", "student",
+                        scaled_schedule(config.fsp.schedule, scale),
+                        schedule_field="fsp.schedule"))
+  stages.append(Stage("student", "classify", "student", student, init_from=stage_one))
   if "scratch" in config.baselines:
     stages.append(Stage("scratch", "classify", "student", student))
   if "teacher_short" in config.baselines:
@@ -148,39 +155,6 @@ def write_json(path: str, obj) -> None:
   checkpoints.write_json_atomic(path, obj)
 
 
-class MetricsWriter:
-  """JSON lines of one stage, from process 0.
-
-  On resume from step `start_step`, keeps the lines written up to that checkpoint and
-  drops the rest (steps that will be recomputed, a line cut by a kill, and a final
-  evaluation written before a kill), so the file reads as if never interrupted.
-  """
-
-  def __init__(self, path: str, start_step: int):
-    self.path = path
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    kept = []
-    if os.path.exists(path) and start_step > 0:
-      with open(path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # A line cut by a kill.
-          step = record.get("step", 0)
-          if step < start_step or (step == start_step and not record.get("final")):
-            kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path, "w") as f:
-      f.writelines(kept)
-
-  def write(self, record: Dict[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _legacy_fingerprint(config, stage: Stage) -> Dict[str, Any]:
   """The fingerprint of fsp_jax 0.1.0 workdirs, still accepted so they can resume."""
   spec = config[stage.role]
@@ -207,7 +181,7 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
       out["teacher"] = _jsonable({"checkpoint": os.path.abspath(config.teacher.checkpoint),
                                   "model": config.teacher.model,
                                   "width_multiplier": config.teacher.width_multiplier})
-  if stage.init_from:
+  if stage.init_from in by_name:
     out["init"] = fingerprint(config, by_name[stage.init_from], stages)
   return out
 
@@ -304,8 +278,13 @@ class Pipeline:
     self._track_nonfinite = jax.jit(train.track_nonfinite)
     self._all_finite = jax.jit(train.all_finite)
     self.preemption = None
-    if config.teacher.checkpoint and not config.teacher_only:
-      self.teacher_variables()  # A missing or misfitting teacher fails before any write.
+    # A missing or misfitting checkpoint from elsewhere fails before anything is written.
+    if config.teacher.checkpoint and any(s.kind == "fsp" for s in self.stages):
+      self.teacher_variables()
+    for stage in self.stages:
+      if stage.init_from and os.path.isabs(stage.init_from):
+        checkpoints.restore_model(stage.init_from, self.abstract_variables(stage.role),
+                                  f"stage-1 checkpoint {stage.init_from!r}")
 
   # ---- helpers -------------------------------------------------------------------
   def stage_dir(self, name: str) -> str:
@@ -314,14 +293,14 @@ class Pipeline:
   def check_stage_dir(self, stage: Stage) -> None:
     """Refuses a stage directory made by another experiment, before anything is written."""
     stage_dir = self.stage_dir(stage.name)
+    if not checkpoints.has_checkpoints(stage_dir):
+      return  # Nothing to protect or resume; the stage starts over.
     info = checkpoints.read_stage_info(stage_dir)
     if info is None:
-      if checkpoints.has_checkpoints(stage_dir):
-        raise ValueError(
-            f"{stage_dir} holds checkpoints but no {checkpoints.STAGE_INFO}, so which "
-            "experiment wrote them is unknown; use a new --workdir, or delete that "
-            "directory to start the stage over.")
-      return
+      raise ValueError(
+          f"{stage_dir} holds checkpoints but no {checkpoints.STAGE_INFO}, so which "
+          "experiment wrote them is unknown; use a new --workdir, or delete that "
+          "directory to start the stage over.")
     stored = info.get("fingerprint")
     if stored in (self.fingerprints[stage.name],
                   _legacy_fingerprint(self.config, stage)):
@@ -372,6 +351,22 @@ class Pipeline:
                                              self.std))
     return {"test_fsp_loss": float(totals["fsp_loss"] / totals["count"])}
 
+  def predict(self, role: str, variables) -> np.ndarray:
+    """Test-set logits `(N_test, num_classes)` of a `role` model, in inference mode."""
+    model = self.models[role]
+    fn = jax.jit(lambda v, b: model.apply(v, train.normalize(b["image"], self.mean,
+                                                             self.std), train=False)[0])
+    ds = self.dataset
+    out = [np.asarray(jax.device_get(fn(variables, batch)))
+           for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh,
+                                          self.config.eval_batch_size)]
+    return np.concatenate(out)[:len(ds.test_labels)]
+
+  def final_variables(self, stage_name: str, role: str):
+    """The final `{'params', 'batch_stats'}` of a finished stage of this workdir."""
+    return checkpoints.restore_model(self.stage_dir(stage_name),
+                                     self.abstract_variables(role))[0]
+
   @functools.lru_cache(maxsize=None)
   def _eval_classify(self, model):
     return jax.jit(functools.partial(train.eval_classify_step, model.apply))
@@ -421,9 +416,11 @@ class Pipeline:
 
     model = self.models[stage.role]
     if stage.init_from:
+      init_dir = (stage.init_from if os.path.isabs(stage.init_from)
+                  else self.stage_dir(stage.init_from))
       variables, from_step = checkpoints.restore_model(
-          self.stage_dir(stage.init_from), self.abstract_variables(stage.role),
-          f"stage {stage.init_from!r} checkpoint")
+          init_dir, self.abstract_variables(stage.role),
+          f"stage-1 checkpoint {init_dir!r}")
       log.info("[%s] starts from stage %r's weights (its step %d).", stage.name,
                stage.init_from, from_step)
     else:
@@ -442,10 +439,12 @@ class Pipeline:
       state, meta = checkpoints.restore_state(mngr, start, state)
       wall_before = float(meta.get("wall_time_s", 0.0))
       log.info("[%s] resumes from its checkpoint at step %d.", stage.name, start)
-    metrics = MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), start)
+    metrics = MetricsWriter(stage_dir, start, kind=stage.kind, final_step=sched.num_steps)
     step_fn = self.make_train_step(stage)
 
     total = sched.num_steps
+    eval_every = sched.get("eval_every", -1)
+    eval_every = cfg.eval_every if eval_every < 0 else eval_every
     log.info("[%s] %s of %s (%s), steps %d..%d, batch %d.", stage.name, stage.kind,
              cfg[stage.role].model, stage.role, start, total, sched.batch_size)
     t_stage = time.time()
@@ -478,7 +477,7 @@ class Pipeline:
                    total, m["loss"], ips, _hms(eta))
           metrics.write({"step": done, "learning_rate": lr, "images_per_s": ips, **m})
           t_log, step_log = now, done
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+        if eval_every and done % eval_every == 0 and done != total:
           metrics.write({"step": done, **self.evaluate(stage, state.variables)})
         if done % cfg.checkpoint_every == 0 or done == total or preempted:
           save(done)
@@ -493,7 +492,7 @@ class Pipeline:
       mngr.close()  # Waits for a save in flight: the last good checkpoint completes.
     final = self.evaluate(stage, state.variables)
     wall = wall_before + time.time() - t_stage
-    metrics.write({"step": total, "final": True, **final})
+    metrics.write({"step": total, **final})
     result = {"kind": stage.kind, "model": cfg[stage.role].model, "steps": total,
               "wall_time_s": round(wall, 1), **final}
     log.info("[%s] done: %s", stage.name, _summary(result))
