@@ -26,7 +26,7 @@ flags.DEFINE_string("workdir", "workdirs/quickstart",
                     "Directory for checkpoints, metrics and results.json.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() and let JAX find the cluster "
-                  "(Cloud TPU pods, SLURM, JAX_COORDINATOR_ADDRESS etc.).")
+                  "(Cloud TPU pods, SLURM, Open MPI, Kubernetes).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for a multi-process run without cluster "
                     "detection (with --num_processes and --process_id).")
@@ -95,11 +95,11 @@ def _initialize_distributed(jax) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  # Progress lines from fsp_jax (process 0); libraries (Orbax, JAX) only when they warn.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   # Imported after flags are parsed so that XLA_FLAGS etc. set by launchers apply.
   import jax
   _initialize_distributed(jax)
-  # Progress lines from fsp_jax (process 0); libraries (Orbax, JAX) only when they warn.
-  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("fsp_jax").setLevel(
       logging.INFO if jax.process_index() == 0 else logging.WARNING)
   from fsp_jax import pipeline

@@ -82,24 +82,31 @@ class TensorBoardWriter:
     os.makedirs(log_dir, exist_ok=True)
     old_files = sorted(glob.glob(os.path.join(log_dir, EVENTS_PATTERN)))
     kept = self._events_up_to(old_files, start_step) if start_step > 0 else []
-    for path in old_files:
-      os.remove(path)
     # The name TensorBoard expects: events.out.tfevents.<time>.<host>.<pid>.
     name = (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}."
             f"{os.getpid()}.fsp_jax")
     self.path = os.path.join(log_dir, name)
+    # The kept events reach the new file (written aside, then renamed) before the old
+    # files go: a kill in between leaves copies, which the next start de-duplicates.
     header = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+    final_path, self.path = self.path, self.path + ".tmp"
     self._append([header.SerializeToString()] + kept)
+    os.replace(self.path, final_path)
+    self.path = final_path
+    for path in old_files:
+      if path != final_path:
+        os.remove(path)
 
   def _events_up_to(self, paths: List[str], step: int) -> List[bytes]:
     """Serialized summary events of `paths` with step <= `step`, in file order."""
     from tensorboard.backend.event_processing import event_file_loader
-    kept = []
+    kept, seen = [], set()
     for path in paths:
       for raw in event_file_loader.RawEventFileLoader(path).Load():
         event = self._event_pb2.Event.FromString(raw)
-        if not event.HasField("summary") or event.step > step:
+        if not event.HasField("summary") or event.step > step or raw in seen:
           continue
+        seen.add(raw)
         if self._drop_test_at_start and event.step == step:
           values = [v for v in event.summary.value if not v.tag.startswith("test/")]
           if not values:
@@ -151,8 +158,10 @@ class MetricsWriter:
     if start_step > 0:
       kept = [r for r in read_jsonl(self.path) if r.get("step", 0) < start_step or (
           r.get("step", 0) == start_step and not (at_end and _is_evaluation(r)))]
-    with open(self.path, "w") as f:
+    # Rewritten aside and renamed: a kill leaves the old file or the new, never none.
+    with open(self.path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(self.path + ".tmp", self.path)
     self.tensorboard = TensorBoardWriter(stage_dir, start_step, drop_test_at_start=at_end)
 
   def write(self, record: Dict[str, Any]) -> None:

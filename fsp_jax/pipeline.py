@@ -237,9 +237,12 @@ class PreemptionWatch:
   def reached(self) -> bool:
     """Call once per training step; True where this step must be saved and the run end."""
     self._ticks += 1
-    if self._multi:
-      self.signalled = self.signalled or multihost_utils.reached_preemption_sync_point(
-          self._ticks)
+    if self._multi and not self.signalled:
+      try:
+        self.signalled = multihost_utils.reached_preemption_sync_point(self._ticks)
+      except RuntimeError as e:  # jax_enable_preemption_service=False.
+        log.warning("no preemption checkpoints (SIGTERM kills): %s", e)
+        self._multi = False
     return self.signalled
 
 

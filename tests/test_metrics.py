@@ -90,6 +90,21 @@ def test_resume_at_the_final_step_drops_the_final_evaluation(tmp_path):
   assert scalars["train/loss"] == [(4, 4.0), (8, 8.0)]
 
 
+def test_resume_after_a_kill_during_the_rewrite_keeps_events_once(tmp_path):
+  import shutil
+  writer = metrics.MetricsWriter(str(tmp_path), 0)
+  for step in (4, 8):
+    writer.write({"step": step, "loss": float(step)})
+  # A kill after the resumed writer's new event file was complete but before the old
+  # one was removed leaves two files holding the same events.
+  event_file, = tmp_path.glob(metrics.EVENTS_PATTERN)
+  shutil.copy(event_file, str(event_file) + ".copy")
+  os.rename(str(event_file) + ".copy", str(event_file).replace("fsp_jax", "1.fsp_jax"))
+  metrics.MetricsWriter(str(tmp_path), 8)
+  assert len(list(tmp_path.glob(metrics.EVENTS_PATTERN))) == 1
+  assert _scalars(str(tmp_path))["train/loss"] == [(4, 4.0), (8, 8.0)]
+
+
 def test_writing_needs_no_tensorflow(tmp_path):
   import subprocess
   import sys

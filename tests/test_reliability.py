@@ -178,7 +178,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def run_two_processes(env, workdir, sigterm_at=None):
+def run_two_processes(env, workdir, *args, sigterm_at=None):
   """Two CLI processes of one run on loopback, one CPU device each.
 
   With `sigterm_at`, process 0 gets SIGTERM when it logs a line containing it.
@@ -187,7 +187,7 @@ def run_two_processes(env, workdir, sigterm_at=None):
   port = _free_port()
   procs = [subprocess.Popen(
       _cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={i}"),
+           f"--process_id={i}", *args),
       cwd=REPO, env=with_devices(env, 1), text=True, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT) for i in range(2)]
   out0 = []
@@ -202,30 +202,37 @@ def run_two_processes(env, workdir, sigterm_at=None):
 
 def test_two_processes_match_one_process_with_two_devices(env, clean_run, tmp_path):
   workdir = tmp_path / "two"
+  # The one-process run's teacher, restored by both processes (checkpoints written
+  # with another device layout), then stage 1 and stage 2 on two processes.
+  teacher = f"--config.teacher.checkpoint={clean_run / 'teacher'}"
   # SIGTERM reaches process 0 only; JAX's preemption service stops both at one step.
-  (rc0, out0), (rc1, out1) = run_two_processes(env, workdir, sigterm_at="[fsp] step 3/8")
+  (rc0, out0), (rc1, out1) = run_two_processes(env, workdir, teacher,
+                                               sigterm_at="[fsp] step 3/8")
   assert (rc0, rc1) == (143, 143), out0 + out1
   saved = [line.split("checkpoint at step ")[1].split()[0]
            for line in (out0 + out1).splitlines() if "checkpoint at step" in line]
   assert len(saved) == 2 and saved[0] == saved[1], out0 + out1
   assert committed_steps(workdir / "fsp")[-1] == int(saved[0])
 
-  (rc0, out0), (rc1, out1) = run_two_processes(env, workdir)
+  (rc0, out0), (rc1, out1) = run_two_processes(env, workdir, teacher)
   assert (rc0, rc1) == (0, 0), out0 + out1
   assert f"[fsp] resumes from its checkpoint at step {saved[0]}" in out0
   assert "results:" in out0 and "results:" not in out1  # Reports from process 0 only.
-  assert "[teacher]" not in out1  # Progress lines too.
+  assert "[student]" not in out1  # Progress lines too.
 
   got = json.load(open(workdir / pipeline.RESULTS))
   want = json.load(open(clean_run / pipeline.RESULTS))
-  assert got.keys() == want.keys()
-  for name in STAGES:
+  assert list(got) == ["fsp", "student"]
+  for name in got:
     a, b = metrics(workdir / name), metrics(clean_run / name)
     assert [r["step"] for r in a] == [r["step"] for r in b], name  # No duplicates.
     for ra, rb in zip(a, b):
       for key in ("loss", "accuracy", "test_loss", "test_fsp_loss"):
         if key in rb:
           np.testing.assert_allclose(ra[key], rb[key], rtol=1e-4, err_msg=(name, ra))
+    for key in ("test_accuracy", "test_fsp_loss"):
+      if key in want[name]:
+        np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-4)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
                  final_weights(workdir / name), final_weights(clean_run / name))
 
