@@ -5,7 +5,7 @@ read just the weights, without knowing the optimizer of the stage that wrote the
 `meta` (JSON) holds what must resume with the weights, e.g. the stage's wall time.
 
 Crash safety: Orbax writes a step into a temporary directory and renames it when
-complete, so a kill mid-save leaves only a `<step>.orbax-checkpoint-tmp-*` folder that
+complete, so a kill mid-save leaves only a `<step>.orbax-checkpoint-tmp*` folder that
 `latest_step()` ignores and the next `manager()` deletes. Small JSON files are written
 to a temporary file and renamed (`write_json_atomic`).
 """

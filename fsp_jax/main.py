@@ -50,7 +50,7 @@ def _parse_flags(argv):
     rest = FLAGS(argv)
     FLAGS.config.get("seed")  # Loads the config file now, so a bad path fails here.
   except flags.Error as e:
-    _fail(f"{_first_line(e)}; see --helpfull for the flags.")
+    _fail(f"{_one_line(e)}; see --helpfull for the flags.")
   except (AttributeError, KeyError) as e:  # ml_collections: no such config field.
     text = str(e)
     key = re.search(r"[A-Za-z_]\w*", text)
@@ -62,12 +62,12 @@ def _parse_flags(argv):
     _fail(f"unknown config field {key!r}{where}; {fix}the fields are those of "
           "fsp_jax/config_lib.py.")
   except (OSError, ImportError, SyntaxError) as e:
-    _fail(f"cannot load the --config file: {_first_line(e)}; give a path such as "
+    _fail(f"cannot load the --config file: {_one_line(e)}; give a path such as "
           "configs/quickstart.py.")
   return rest
 
 
-def _first_line(e: BaseException) -> str:
+def _one_line(e: BaseException) -> str:
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   return " ".join(lines[:4]) if lines else type(e).__name__
 
@@ -89,7 +89,7 @@ def _initialize_distributed(jax) -> None:
     how = ("check that process 0 runs and that host:port is reachable" if given else
            "no cluster was detected; give --coordinator_address, --num_processes and "
            "--process_id")
-    _fail(f"jax.distributed.initialize failed ({_first_line(e)[:200]}); {how}.")
+    _fail(f"jax.distributed.initialize failed ({_one_line(e)[:200]}); {how}.")
 
 
 def main(argv):

@@ -456,7 +456,7 @@ class Pipeline:
     first_bad = jax.device_put((jnp.int32(-1), jnp.float32(0)), self.replicated)
 
     def save(step):
-      self._check_finite(stage, first_bad, state, step, mngr, last_saved)
+      self._check_finite(stage, first_bad, state, step, mngr)
       checkpoints.save(mngr, step, state,
                        {"wall_time_s": wall_before + time.time() - t_stage})
 
@@ -470,7 +470,7 @@ class Pipeline:
         first_bad = self._track_nonfinite(first_bad, step_metrics["loss"], done)
         preempted = self.preemption is not None and self.preemption.reached()
         if done % cfg.log_every == 0 or done == total:
-          self._check_finite(stage, first_bad, None, done, mngr, last_saved)
+          self._check_finite(stage, first_bad, None, done, mngr)
           m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           now = time.time()
           ips = (done - step_log) * sched.batch_size / max(now - t_log, 1e-9)
@@ -503,8 +503,7 @@ class Pipeline:
       self._teacher_variables = state.variables
     return result
 
-  def _check_finite(self, stage: Stage, first_bad, state, step: int, mngr,
-                    last_saved: int) -> None:
+  def _check_finite(self, stage: Stage, first_bad, state, step: int, mngr) -> None:
     """Raises FloatingPointError where a loss so far, or `state`, is NaN or infinite.
 
     Called at log steps (state None: the loss only) and before every save.
