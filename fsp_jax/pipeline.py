@@ -155,6 +155,13 @@ def write_json(path: str, obj) -> None:
   checkpoints.write_json_atomic(path, obj)
 
 
+def _without_eval_every(fp):
+  """A fingerprint less evaluation frequencies, which never change the weights."""
+  if isinstance(fp, dict):
+    return {k: _without_eval_every(v) for k, v in fp.items() if k != "eval_every"}
+  return fp
+
+
 def _legacy_fingerprint(config, stage: Stage) -> Dict[str, Any]:
   """The fingerprint of fsp_jax 0.1.0 workdirs, still accepted so they can resume."""
   spec = config[stage.role]
@@ -304,9 +311,9 @@ class Pipeline:
           f"{stage_dir} holds checkpoints but no {checkpoints.STAGE_INFO}, so which "
           "experiment wrote them is unknown; use a new --workdir, or delete that "
           "directory to start the stage over.")
-    stored = info.get("fingerprint")
-    if stored in (self.fingerprints[stage.name],
-                  _legacy_fingerprint(self.config, stage)):
+    stored = _without_eval_every(info.get("fingerprint"))
+    if stored in (_without_eval_every(self.fingerprints[stage.name]),
+                  _without_eval_every(_legacy_fingerprint(self.config, stage))):
       return
     raise ValueError(
         f"{stage_dir} holds a different experiment's stage {stage.name!r} "

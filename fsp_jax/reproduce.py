@@ -55,6 +55,26 @@ def base_overrides(config, args, seed: int):
   return config
 
 
+TABLES = {"table1": ("cifar10_fast_optimization", ("teacher_short",)),
+          "table3": ("cifar10_minimization", ("scratch",))}
+
+
+def grid_config(args, table: str, seed: int):
+  """The config of one grid run: `table` ('table1' or 'table3') with `seed`."""
+  name, baselines = TABLES[table]
+  config = base_overrides(load_config(name), args, seed)
+  wd = os.path.abspath(args.workdir)
+  config.teacher.checkpoint = os.path.join(wd, "teacher", "teacher")
+  config.baselines = baselines
+  if seed != args.seeds[0]:  # One stage-1 result initialises every seed's student.
+    config.fsp.checkpoint = os.path.join(wd, f"{table}_seed{args.seeds[0]}", "fsp")
+  main_steps = int(round(config.student.schedule.num_steps * args.scale))
+  # ResNet-26 evaluations cost 4x ResNet-8's: half as many points on Table 1.
+  points = args.curve_points if table == "table3" else max(1, args.curve_points // 2)
+  config.student.schedule.eval_every = max(1, main_steps // points)
+  return config
+
+
 def run_grid(args) -> Dict[str, Dict]:
   """Runs (or resumes) every run of the grid; returns {run_dir: results.json}."""
   from fsp_jax import pipeline
@@ -69,35 +89,40 @@ def run_grid(args) -> Dict[str, Dict]:
 
   teacher = base_overrides(load_config("cifar10_teacher"), args, 0)
   run("teacher", teacher)
-  teacher_ckpt = os.path.join(wd, "teacher", "teacher")
   # Table 3 (ResNet-8 students, cheap) first: on a small machine it finishes early.
-  for table, name, baselines in (("table3", "cifar10_minimization", ("scratch",)),
-                                 ("table1", "cifar10_fast_optimization", ("teacher_short",))):
-    for k, seed in enumerate(args.seeds):
-      config = base_overrides(load_config(name), args, seed)
-      config.teacher.checkpoint = teacher_ckpt
-      config.baselines = baselines
-      if k > 0:  # One stage-1 result initialises every seed's student (paper, Alg. 1).
-        config.fsp.checkpoint = os.path.join(wd, f"{table}_seed{args.seeds[0]}", "fsp")
-      main_steps = int(round(config.student.schedule.num_steps * args.scale))
-      # ResNet-26 evaluations cost 4x ResNet-8's: half as many points on Table 1.
-      points = args.curve_points if table == "table3" else max(1, args.curve_points // 2)
-      config.student.schedule.eval_every = max(1, main_steps // points)
-      run(f"{table}_seed{seed}", config)
+  for table in ("table3", "table1"):
+    for seed in args.seeds:
+      run(f"{table}_seed{seed}", grid_config(args, table, seed))
   return runs
 
 
-def ensemble_accuracy(args, table: str, stage: str, role: str) -> float:
-  """Test accuracy of the averaged softmax of one stage's model over the seeds."""
+def collect_runs(args) -> Dict[str, Dict]:
+  """{run name: results.json} of every grid run that has results (finished stages)."""
+  wd = os.path.abspath(args.workdir)
+  names = ["teacher"] + [f"{t}_seed{s}" for t in ("table1", "table3") for s in args.seeds]
+  runs = {}
+  for name in names:
+    path = os.path.join(wd, name, "results.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        runs[name] = json.load(f)
+  return runs
+
+
+def finished(runs, table: str, stage: str, seeds) -> List[int]:
+  """The seeds whose run of `table` has finished `stage`."""
+  return [s for s in seeds if stage in runs.get(f"{table}_seed{s}", {})]
+
+
+def ensemble_accuracy(args, table: str, stage: str, role: str, seeds) -> float:
+  """Test accuracy of the averaged softmax of one stage's model over `seeds`."""
   from fsp_jax import pipeline
   wd = os.path.abspath(args.workdir)
-  config = base_overrides(load_config("cifar10_fast_optimization" if table == "table1"
-                                      else "cifar10_minimization"), args, args.seeds[0])
-  config.teacher.checkpoint = os.path.join(wd, "teacher", "teacher")
   probs = 0.0
   p = None
-  for seed in args.seeds:
-    p = pipeline.Pipeline(config, os.path.join(wd, f"{table}_seed{seed}"))
+  for seed in seeds:
+    p = pipeline.Pipeline(grid_config(args, table, seed),
+                          os.path.join(wd, f"{table}_seed{seed}"))
     logits = p.predict(role, p.final_variables(stage, role))
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = probs + e / e.sum(-1, keepdims=True)
@@ -105,6 +130,7 @@ def ensemble_accuracy(args, table: str, stage: str, role: str) -> float:
 
 
 def read_curve(stage_dir: str):
+  """(steps, test accuracy %) of a stage's evaluations, step 0 excluded."""
   steps, accs = [], []
   with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
     for line in f:
@@ -115,26 +141,35 @@ def read_curve(stage_dir: str):
   return np.asarray(steps), np.asarray(accs)
 
 
-def plot(args, out_path: str) -> None:
+PANELS = (("table3", (("student", "FSP student (ResNet-8)", "C0"),
+                      ("scratch", "ResNet-8 from scratch", "C3")),
+           "Table 3: network minimization (26 -> 8)"),
+          ("table1", (("student", "FSP student (ResNet-26)", "C0"),
+                      ("teacher_short", "ResNet-26 from scratch", "C3")),
+           "Table 1: fast optimization (26 -> 26)"))
+
+
+def plot(args, runs, out_path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   wd = os.path.abspath(args.workdir)
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  panels = [("table1", (("student", "FSP student (ResNet-26)", "C0"),
-                        ("teacher_short", "teacher arch. from scratch (ResNet-26)", "C3")),
-             "Table 1: fast optimization"),
-            ("table3", (("student", "FSP student (ResNet-8)", "C0"),
-                        ("scratch", "ResNet-8 from scratch", "C3")),
-             "Table 3: network minimization")]
-  for ax, (table, lines, title) in zip(axes, panels):
+  panels = [p for p in PANELS if finished(runs, p[0], p[1][0][0], args.seeds)]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+  for ax, (table, lines, title) in zip(axes[0], panels):
     for stage, label, color in lines:
-      curves = [read_curve(os.path.join(wd, f"{table}_seed{s}", stage)) for s in args.seeds]
-      steps = curves[0][0]
-      accs = np.stack([c[1] for c in curves])
-      mean, lo, hi = accs.mean(0), accs.min(0), accs.max(0)
-      ax.plot(steps, mean, color=color, label=f"{label}, mean of {len(args.seeds)}")
-      ax.fill_between(steps, lo, hi, color=color, alpha=0.2)
+      seeds = finished(runs, table, stage, args.seeds)
+      if not seeds:
+        continue
+      curves = [read_curve(os.path.join(wd, f"{table}_seed{s}", stage)) for s in seeds]
+      n = min(len(c[0]) for c in curves)
+      steps = curves[0][0][:n]
+      accs = np.stack([c[1][:n] for c in curves])
+      ax.plot(steps, accs.mean(0), "o-", color=color, ms=3,
+              label=f"{label}, mean of {len(seeds)} seeds")
+      ax.fill_between(steps, accs.min(0), accs.max(0), color=color, alpha=0.2)
     ax.set_xlabel("main-task iteration")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_title(title)
@@ -144,31 +179,35 @@ def plot(args, out_path: str) -> None:
   fig.savefig(out_path, dpi=110)
 
 
-def _stats(values: List[float]) -> str:
+def _stats(values) -> str:
   v = 100 * np.asarray(values)
-  return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+  if len(v) == 0:
+    return "not run"
+  std = v.std(ddof=1) if len(v) > 1 else 0.0
+  return f"{v.mean():.2f} ± {std:.2f} (n={len(v)})"
+
+
+def _accs(runs, table, stage, seeds):
+  return np.asarray([runs[f"{table}_seed{s}"][stage]["test_accuracy"] for s in seeds])
 
 
 def write_report(args, runs, wall_s: float) -> str:
   seeds = args.seeds
   t = runs["teacher"]["teacher"]
-  r1 = [runs[f"table1_seed{s}"] for s in seeds]
-  r3 = [runs[f"table3_seed{s}"] for s in seeds]
-  acc = lambda rs, stage: [r[stage]["test_accuracy"] for r in rs]  # noqa: E731
-  ens = {(tb, st): ensemble_accuracy(args, tb, st, role)
-         for tb, st, role in (("table1", "student", "student"),
-                              ("table1", "teacher_short", "teacher"),
-                              ("table3", "student", "student"),
-                              ("table3", "scratch", "student"))}
   steps_t = t["steps"]
-  s1 = r1[0]["fsp"]["steps"]
-  s2 = r1[0]["student"]["steps"]
-  s3 = r3[0]["student"]["steps"]
-  f1 = np.asarray(acc(r1, "student"))
-  ts = np.asarray(acc(r1, "teacher_short"))
-  f3 = np.asarray(acc(r3, "student"))
-  sc = np.asarray(acc(r3, "scratch"))
-  spread3 = max(np.std(f3, ddof=1), np.std(sc, ddof=1))
+  s1 = int(round(21000 * args.scale))
+  s2 = int(round(21000 * args.scale))
+  s3 = int(round(64000 * args.scale))
+  done = {(tb, st): finished(runs, tb, st, seeds)
+          for tb in ("table1", "table3") for st in ("student", "scratch", "teacher_short")}
+  ens = {}
+  for tb, st, role in (("table1", "student", "student"), ("table1", "teacher_short", "teacher"),
+                       ("table3", "student", "student"), ("table3", "scratch", "student")):
+    ens[(tb, st)] = (f"{100 * ensemble_accuracy(args, tb, st, role, done[(tb, st)]):.2f}"
+                     if len(done[(tb, st)]) > 1 else "–")
+  acc = {k: _accs(runs, k[0], k[1], v) for k, v in done.items()}
+  f1, ts = acc[("table1", "student")], acc[("table1", "teacher_short")]
+  f3, sc = acc[("table3", "student")], acc[("table3", "scratch")]
   lines = [
       "# FSP distillation on real CIFAR-10, scaled down",
       "",
@@ -177,12 +216,29 @@ def write_report(args, runs, wall_s: float) -> str:
       f"Scale factor **{args.scale}** on every iteration count and learning-rate drop of "
       f"the paper (teacher {steps_t} of 64k iterations, stage 1 {s1} of 21k, Table 1 "
       f"stage 2 {s2} of 21k, Table 3 stage 2 {s3} of 64k); batch 128, SGD momentum 0.9, "
-      "weight decay 1e-4, pad-4 random crops, the paper's learning rates. Data: the "
-      "shared JPEG re-encoding of CIFAR-10 (50k train / 10k test; lossy, so absolute "
-      f"numbers sit a little below the original's). Seeds {', '.join(map(str, seeds))}; "
-      "one teacher and one stage-1 result per table shared by the seeds, as in the "
-      f"paper. Whole grid: **{wall_s / 60:.1f} min** of wall time on this 2-core CPU "
-      "machine (shared with other work while it ran).",
+      "weight decay 1e-4, pad-4 random crops, the paper's learning rates (stage 1: 1e-3). "
+      "Data: the shared JPEG re-encoding of CIFAR-10 (50k train / 10k test; lossy, so "
+      "absolute numbers sit a little below the original's). Seeds "
+      f"{', '.join(map(str, seeds))}; one teacher, and one stage-1 result per table "
+      "shared by the seeds (the paper's Algorithm 1); seeds change the initialisation "
+      "of the scratch runs and the data order of every main-task run. Wall time of the "
+      f"runs: **{wall_s / 60:.1f} min** on this 2-core CPU machine, which other jobs "
+      "shared while it ran.",
+      "",
+      "## Table 3: network minimization (ResNet-26 -> ResNet-8)",
+      "",
+      "| run | iterations | accuracy %, mean ± std | ensemble % | paper |",
+      "|---|---|---|---|---|",
+      f"| teacher ResNet-26 | {steps_t} | {100 * t['test_accuracy']:.2f} (1 net) | – | "
+      f"{PAPER['table3']['teacher']} |",
+      f"| ResNet-8 from scratch | {s3} | {_stats(sc)} | {ens[('table3', 'scratch')]} | "
+      f"{PAPER['table3']['scratch']} |",
+      f"| FSP student ResNet-8 | {s1} (stage 1) + {s3} | {_stats(f3)} | "
+      f"{ens[('table3', 'student')]} | {PAPER['table3']['student']} |",
+      "",
+      "Per seed (FSP / scratch): " + ", ".join(
+          f"seed {s}: {100 * a:.2f} / {100 * b:.2f}"
+          for s, a, b in zip(done[("table3", "student")], f3, sc)),
       "",
       "## Table 1: fast optimization (ResNet-26 -> ResNet-26)",
       "",
@@ -191,45 +247,39 @@ def write_report(args, runs, wall_s: float) -> str:
       f"| teacher | {steps_t} | {100 * t['test_accuracy']:.2f} (1 net) | – | "
       f"{PAPER['table1']['teacher']} | {PAPER['table1']['teacher_ens']} |",
       f"| teacher arch., 1/3 of the iterations | {s2} | {_stats(ts)} | "
-      f"{100 * ens[('table1', 'teacher_short')]:.2f} | {PAPER['table1']['teacher_short']} | "
+      f"{ens[('table1', 'teacher_short')]} | {PAPER['table1']['teacher_short']} | "
       f"{PAPER['table1']['teacher_short_ens']} |",
       f"| FSP student: stage 1 shared + stage 2 | {s1} + {s2} | {_stats(f1)} | "
-      f"{100 * ens[('table1', 'student')]:.2f} | {PAPER['table1']['student']} | "
+      f"{ens[('table1', 'student')]} | {PAPER['table1']['student']} | "
       f"{PAPER['table1']['student_ens']} |",
-      "",
-      "Per seed (FSP student / teacher arch. at 1/3): " + ", ".join(
-          f"seed {s}: {100 * a:.2f} / {100 * b:.2f}" for s, a, b in zip(seeds, f1, ts)),
-      "",
-      "## Table 3: network minimization (ResNet-26 -> ResNet-8)",
-      "",
-      "| run | iterations | accuracy %, mean ± std | ensemble % | paper |",
-      "|---|---|---|---|---|",
-      f"| teacher ResNet-26 | {steps_t} | {100 * t['test_accuracy']:.2f} | – | "
-      f"{PAPER['table3']['teacher']} |",
-      f"| ResNet-8 from scratch | {s3} | {_stats(sc)} | "
-      f"{100 * ens[('table3', 'scratch')]:.2f} | {PAPER['table3']['scratch']} |",
-      f"| FSP student ResNet-8 | {s1} + {s3} | {_stats(f3)} | "
-      f"{100 * ens[('table3', 'student')]:.2f} | {PAPER['table3']['student']} |",
-      "",
-      "Per seed (FSP / scratch): " + ", ".join(
-          f"seed {s}: {100 * a:.2f} / {100 * b:.2f}" for s, a, b in zip(seeds, f3, sc)),
       "",
       "![accuracy against main-task iteration](accuracy_vs_iteration.png)",
       "",
       "## What it shows",
       "",
-      f"- Minimization: FSP student minus scratch = {100 * (f3.mean() - sc.mean()):+.2f} "
-      f"points (mean), against a seed spread (largest std) of {100 * spread3:.2f}: "
-      + ("**beats scratch by more than the seed spread**."
-         if f3.mean() - sc.mean() > spread3 else "**not** more than the seed spread."),
-      f"- Fast optimization: FSP student at 1/3 of the iterations "
-      f"{100 * f1.mean():.2f}% vs the teacher architecture trained for those 1/3 "
-      f"{100 * ts.mean():.2f}% ({100 * (f1.mean() - ts.mean()):+.2f}): "
-      + ("**reaches at least its accuracy**." if f1.mean() >= ts.mean()
-         else "**does not reach it**."),
-      f"- The full teacher reaches {100 * t['test_accuracy']:.2f}% after {steps_t} "
-      "iterations.",
   ]
+  if len(f3) and len(sc):
+    n = min(len(f3), len(sc))
+    spread = max(np.std(f3[:n], ddof=1), np.std(sc[:n], ddof=1)) if n > 1 else 0.0
+    gap = f3[:n].mean() - sc[:n].mean()
+    lines.append(
+        f"- Minimization: FSP student minus scratch = {100 * gap:+.2f} points (mean of "
+        f"{n}), seed spread (largest std) {100 * spread:.2f}: " +
+        ("**FSP beats scratch by more than the seed spread**." if gap > spread else
+         "**FSP does not beat scratch by more than the seed spread**."))
+  if len(f1) and len(ts):
+    gap = f1.mean() - ts.mean()
+    lines.append(
+        f"- Fast optimization: FSP student at 1/3 of the iterations {100 * f1.mean():.2f}% "
+        f"vs the teacher architecture trained for those iterations {100 * ts.mean():.2f}% "
+        f"({100 * gap:+.2f}): " + ("**reaches at least its accuracy**." if gap >= 0
+                                    else "**does not reach it**."))
+  expected = {"table3": ("student", "scratch"), "table1": ("student", "teacher_short")}
+  missing = [f"{tb} {st} seed {s}" for tb, sts in expected.items() for st in sts
+             for s in seeds if s not in done[(tb, st)]]
+  if missing:
+    lines.append("- Not finished in this session's time (a rerun of the same command "
+                 "resumes and completes them): " + ", ".join(missing) + ".")
   return "\n".join(lines) + "\n"
 
 
@@ -245,20 +295,23 @@ def main(argv=None):
   parser.add_argument("--report_dir", default="docs/reproduction")
   parser.add_argument("--curve_points", type=int, default=8)
   parser.add_argument("--log_every", type=int, default=50)
+  parser.add_argument("--report_only", action="store_true",
+                      help="Write the report from the runs finished so far; train nothing.")
   args = parser.parse_args(argv)
   args.command = "python -m fsp_jax.reproduce " + " ".join(
       f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
-      for k, v in vars(args).items() if k not in ("command",))
+      for k, v in vars(args).items() if k not in ("command", "report_only"))
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("fsp_jax").setLevel(logging.INFO)
-  t0 = time.time()
-  runs = run_grid(args)
-  wall = time.time() - t0
+  if not args.report_only:
+    run_grid(args)
+  runs = collect_runs(args)
+  wall = sum(r.get("wall_time_s", 0.0) for run in runs.values() for r in run.values())
   os.makedirs(args.report_dir, exist_ok=True)
   with open(os.path.join(args.report_dir, "results.json"), "w") as f:
     json.dump({"scale": args.scale, "seeds": args.seeds, "wall_time_s": wall,
                "runs": runs}, f, indent=1)
-  plot(args, os.path.join(args.report_dir, "accuracy_vs_iteration.png"))
+  plot(args, runs, os.path.join(args.report_dir, "accuracy_vs_iteration.png"))
   report = write_report(args, runs, wall)
   with open(os.path.join(args.report_dir, "report.md"), "w") as f:
     f.write(report)
