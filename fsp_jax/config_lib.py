@@ -109,3 +109,17 @@ def get_config():
   config.max_checkpoints_to_keep = 2
   config.half_precision = False  # bfloat16 activations (parameters stay float32).
   return config
+
+
+def config_from_file(path: str):
+  """`get_config()` of another config file, for configs that extend a sibling, e.g.
+  `config_from_file(os.path.join(os.path.dirname(__file__), "cifar10_minimization.py"))`."""
+  import importlib.util
+  import os
+  name = "fsp_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.exists(path):
+    raise ValueError(f"config file {path} does not exist.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
