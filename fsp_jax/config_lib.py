@@ -33,6 +33,11 @@ def get_config():
       # (H, W): for larger images, a random-resized crop of this size replaces the
       # pad-and-crop in training, and test images are center-cropped to it. () = off.
       crop_size=(),
+      # A part of the data set (e.g. transfer to another task from few examples):
+      # class indices to keep, relabelled 0, 1, ... in this order (() = all), and the
+      # first N training examples of each (0 = all).
+      classes=(),
+      train_per_class=0,
   ))
 
   config.teacher = ml_collections.ConfigDict(dict(

@@ -223,9 +223,49 @@ def load_dataset(config) -> Dataset:
     dataset = load_digits(size[0])
   else:
     raise ValueError(f"unknown data source {source!r}; use 'tfds', 'folder' or 'digits'.")
+  if config.get("classes") or config.get("train_per_class"):
+    dataset = select(dataset, tuple(config.get("classes") or ()),
+                     config.get("train_per_class") or 0)
   if config.get("crop_size"):
     dataset = with_crop(dataset, tuple(config.crop_size))
   return dataset
+
+
+def select(dataset: Dataset, classes: Sequence[int] = (),
+           train_per_class: int = 0) -> Dataset:
+  """A part of `dataset`: e.g. one task for a teacher, another with few examples for a
+  student (transfer learning).
+
+  Args:
+    classes: class indices to keep, relabelled 0, 1, ... in this order; () keeps all.
+    train_per_class: keep the first this many training examples of each class (in
+      the source's order: sorted file names for image folders); 0 keeps all. The test
+      split keeps every example of the kept classes.
+  Returns:
+    the new Dataset, its mean and std recomputed from its training images.
+  """
+  classes = tuple(classes) or tuple(range(dataset.num_classes))
+  bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+  if bad or len(set(classes)) != len(classes):
+    raise ValueError(f"classes {classes} must be distinct indices in 0.."
+                     f"{dataset.num_classes - 1} of {dataset.name}.")
+  arrays = []
+  for images, labels, cap in ((dataset.train_images, dataset.train_labels,
+                               train_per_class),
+                              (dataset.test_images, dataset.test_labels, 0)):
+    keep = []
+    for c in classes:
+      idx = np.flatnonzero(labels == c)
+      if cap and len(idx) < cap:
+        raise ValueError(f"class {c} of {dataset.name} has {len(idx)} training "
+                         f"examples, fewer than train_per_class={cap}.")
+      keep.append(idx[:cap] if cap else idx)
+    keep = np.concatenate(keep)
+    relabel = np.zeros(dataset.num_classes, np.int32)
+    relabel[list(classes)] = np.arange(len(classes))
+    arrays += [images[keep], relabel[labels[keep]]]
+  part = _finish(f"{dataset.name}[classes {classes}]", *arrays, len(classes))
+  return dataclasses.replace(part, crop_size=dataset.crop_size)
 
 
 def with_crop(dataset: Dataset, crop_size: Tuple[int, int]) -> Dataset:

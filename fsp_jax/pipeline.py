@@ -34,7 +34,7 @@ ROLE_SEED = {"teacher": 0, "student": 1}
 DISTILLER_SEED = 2
 # Config fields added after the first release, left out of stage fingerprints while
 # they hold these defaults so that workdirs of earlier versions still resume.
-_NEW_DATA_DEFAULTS = {"crop_size": ()}
+_NEW_DATA_DEFAULTS = {"crop_size": (), "classes": (), "train_per_class": 0}
 _LABELS = {"fsp": "FSP", "hint": "FitNet hints", "kd": "KD"}
 
 

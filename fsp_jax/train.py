@@ -14,6 +14,8 @@ over the global batch (no `axis_name`, no pmap).
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import flax.linen as nn
@@ -171,8 +173,9 @@ def train_step(state: TrainState, teacher_variables, batch, mean, std, *,
     if distiller is not None:
       terms[f"{distiller.name}_loss"] = jnp.mean(distiller.objective(
           distiller_params, targets, logits, features, state.step))
-    values = list(terms.values())
-    loss = values[0] if len(values) == 1 else values[0] + values[1]
+    # A single term is the loss itself (no `0 +`): the plain classification and FSP
+    # steps compute exactly what they did before distillers were pluggable.
+    loss = functools.reduce(operator.add, terms.values())
     return loss, (logits, updates["batch_stats"], terms)
 
   (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(

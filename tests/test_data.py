@@ -159,3 +159,19 @@ def test_real_cifar10_image_folder(cifar10_folder):
   assert ds.train_images.shape == (50000, 32, 32, 3)
   assert ds.test_images.shape == (10000, 32, 32, 3)
   np.testing.assert_allclose(ds.mean, [125.27, 122.93, 113.86], atol=0.05)
+
+
+def test_select_keeps_classes_and_few_training_examples():
+  ds = data.load_digits(8)
+  part = data.select(ds, classes=(7, 2), train_per_class=5)
+  assert part.num_classes == 2 and len(part.train_labels) == 10
+  np.testing.assert_array_equal(part.train_labels, [0] * 5 + [1] * 5)
+  np.testing.assert_array_equal(part.train_images[:5],
+                                ds.train_images[np.flatnonzero(ds.train_labels == 7)[:5]])
+  assert len(part.test_labels) == np.sum(np.isin(ds.test_labels, (7, 2)))
+  np.testing.assert_allclose(part.mean, part.train_images.reshape(-1, 1).mean(0),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="distinct indices"):
+    data.select(ds, classes=(3, 10))
+  with pytest.raises(ValueError, match="fewer than train_per_class"):
+    data.select(ds, classes=(1,), train_per_class=1000)

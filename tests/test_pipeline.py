@@ -198,6 +198,9 @@ def _cli(*args, cwd=REPO):
     (["--config.teacher.checkpoint=/nonexistent/teacher"], "teacher checkpoint"),
     (["--config.teacher.width_multiplier=2"], "cannot be paired for FSP"),
     (["--config.teacher.model=cifar_resnet27"], "unknown model"),
+    (["--config.methods=('fitnet', 'bogus')"], "unknown distillation methods"),
+    (["--config.methods=('kd',)", "--config.teacher.num_classes=3"],
+     "teacher.num_classes=3 differs"),
 ])
 def test_cli_bad_input_is_a_one_line_error(tmp_path, args, message):
   proc = _cli("--workdir", str(tmp_path), *args)
