@@ -8,12 +8,16 @@ import ml_collections
 
 
 def schedule(num_steps, learning_rates, boundaries, batch_size=128, momentum=0.9,
-             weight_decay=1e-4, augment=True):
-  """One stage's optimisation: SGD with momentum, piecewise-constant learning rate."""
+             weight_decay=1e-4, augment=True, eval_every=-1):
+  """One stage's optimisation: SGD with momentum, piecewise-constant learning rate.
+
+  eval_every: test-set evaluations every this many steps of the stage; -1 takes the
+  config's `eval_every`, 0 evaluates only at the end.
+  """
   return ml_collections.ConfigDict(dict(
       num_steps=num_steps, learning_rates=tuple(learning_rates),
       boundaries=tuple(boundaries), batch_size=batch_size, momentum=momentum,
-      weight_decay=weight_decay, augment=augment))
+      weight_decay=weight_decay, augment=augment, eval_every=eval_every))
 
 
 def get_config():
@@ -78,6 +82,9 @@ def get_config():
       # the teacher's channel counts, so teachers of other widths can be used.
       adapter=False,
       schedule=schedule(21000, (0.001, 0.0001, 0.00001), (11000, 16000)),
+      # A finished stage 1 to reuse (a stage directory, e.g. OTHER_WORKDIR/fsp): one
+      # stage-1 result initialises several students, as in the paper's Table 1.
+      checkpoint="",
   ))
 
   # FitNet (Romero et al.) stage 1: a student layer regressed onto a teacher layer.

@@ -94,7 +94,9 @@ def load_tfds(name: str, data_dir: Optional[str] = None,
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises its own DatasetNotFoundError subclasses.
-    raise ValueError(f"unknown tensorflow-datasets data set {name!r}: {e}") from None
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"unknown tensorflow-datasets data set {name!r} ({first_line[:200]}); "
+                     "check the name with `tfds.list_builders()`.") from None
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise ValueError(f"data set {name!r} has no 'image' and 'label' features; "
@@ -102,22 +104,47 @@ def load_tfds(name: str, data_dir: Optional[str] = None,
   num_classes = features["label"].num_classes
   arrays = []
   for split in (train_split, test_split):
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
-    n = len(source)
-    first = source[0]
-    shape = np.asarray(_resize(first["image"], image_size)).shape
-    images = np.empty((n,) + tuple(shape), np.uint8)
-    labels = np.empty((n,), np.int32)
-    for k in range(n):
-      record = source[k] if k else first
-      image = _resize(record["image"], image_size)
-      if image.shape != shape:
-        raise ValueError(f"images of tfds {name!r} ({split}) differ in size ({shape} and "
-                         f"{image.shape}); set the data set's image_size to resize them.")
-      images[k] = image
-      labels[k] = record["label"]
-    arrays += [images, labels]
+    arrays += _read_tfds_split(tfds, name, split, data_dir, image_size)
   return _finish(f"tfds:{name}", *arrays, num_classes)
+
+
+def _read_tfds_split(tfds, name, split, data_dir, image_size=None):
+  """`[images uint8 (N, H, W, C), labels int32 (N,)]` of one split.
+
+  Prefers `tfds.data_source` (ArrayRecord, no TensorFlow). A data set prepared in the
+  default TFRecord format (what `tfds.load` writes) is read through `tfds.load` where
+  TensorFlow is installed. `image_size` `(H, W)` resizes every image.
+  """
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # Not prepared as ArrayRecord, or not prepared at all.
+    try:
+      import tensorflow  # noqa: F401
+    except ImportError:
+      raise ValueError(
+          f"tensorflow-datasets {name!r} split {split!r} cannot be read ({e}). Prepare "
+          f"it once as ArrayRecord: `pip install tensorflow && tfds build {name} "
+          "--file_format=array_record`, or use an image folder (data.source='folder')."
+      ) from None
+    if image_size is None:
+      ds = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
+      return [np.asarray(ds["image"], np.uint8), np.asarray(ds["label"], np.int32)]
+    # Images of varied sizes do not batch: read them one by one.
+    source = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir)))
+  n = len(source)
+  first = source[0]
+  shape = np.asarray(_resize(first["image"], image_size)).shape
+  images = np.empty((n,) + tuple(shape), np.uint8)
+  labels = np.empty((n,), np.int32)
+  for k in range(n):
+    record = source[k] if k else first
+    image = _resize(record["image"], image_size)
+    if image.shape != shape:
+      raise ValueError(f"images of tfds {name!r} ({split}) differ in size ({shape} and "
+                       f"{image.shape}); set the data set's image_size to resize them.")
+    images[k] = image
+    labels[k] = record["label"]
+  return [images, labels]
 
 
 def _decode_image(path: str, size: Optional[Tuple[int, int]]) -> np.ndarray:
@@ -133,13 +160,25 @@ def _decode_image(path: str, size: Optional[Tuple[int, int]]) -> np.ndarray:
                      "folder or replace it.") from None
 
 
+_FOLDER_CACHE = {}
+
+
 def load_image_folder(root: str, image_size: Optional[Tuple[int, int]] = None,
                       num_workers: int = 8) -> Dataset:
   """Loads `ROOT/train/<class>/*` and `ROOT/test/<class>/*` (JPEG or PNG) into memory.
 
   Classes are the sub-folder names in sorted order (the same in both splits).
   `image_size` `(H, W)` resizes every image; without it all images must share a size.
+  Decoded folders are kept for the process's lifetime (several pipelines in one
+  process, e.g. `fsp_jax.reproduce`, decode once).
   """
+  key = (os.path.abspath(root), tuple(image_size) if image_size else None)
+  if key not in _FOLDER_CACHE:
+    _FOLDER_CACHE[key] = _load_image_folder(root, image_size, num_workers)
+  return _FOLDER_CACHE[key]
+
+
+def _load_image_folder(root, image_size, num_workers) -> Dataset:
   if not os.path.isdir(root):
     raise ValueError(f"image folder {root!r} does not exist; expected ROOT/train/<class>/ "
                      "and ROOT/test/<class>/ sub-folders.")

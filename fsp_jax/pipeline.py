@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from fsp_jax import checkpoints, data, distillers, models, train
+from fsp_jax.metrics import MetricsWriter
 
 log = logging.getLogger("fsp_jax")
 RESULTS = "results.json"
@@ -48,7 +49,8 @@ class Stage:
       'hint'), whose objective alone is trained (no labels).
     role: which architecture it trains: 'teacher' or 'student'.
     schedule: the stage's optimisation config (steps already scaled).
-    init_from: the stage whose final weights initialise this one, or None (random).
+    init_from: the stage (name, or a stage directory path) whose final weights
+      initialise this one, or None (random initialisation).
     distill: a distiller whose term is added to a 'classify' stage's cross-entropy
       ('kd'), or None.
   """
@@ -86,9 +88,13 @@ def plan_stages(config) -> List[Stage]:
   if config.teacher_only:
     return stages
   if "fsp" in config.methods:
-    stages.append(Stage("fsp", "fsp", "student",
-                        scaled_schedule(config.fsp.schedule, scale)))
-    stages.append(Stage("student", "classify", "student", student, init_from="fsp"))
+    stage_one = "fsp"
+    if config.fsp.checkpoint:
+      stage_one = os.path.abspath(config.fsp.checkpoint)
+    else:
+      stages.append(Stage("fsp", "fsp", "student",
+                          scaled_schedule(config.fsp.schedule, scale)))
+    stages.append(Stage("student", "classify", "student", student, init_from=stage_one))
   if "fitnet" in config.methods:
     stages.append(Stage("fitnet_hint", "hint", "student",
                         scaled_schedule(config.fitnet.schedule, scale)))
@@ -183,32 +189,6 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
-
-
-class MetricsWriter:
-  """JSON lines of one stage, from process 0; a resume drops lines past its step."""
-
-  def __init__(self, path: str, start_step: int):
-    self.path = path
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    kept = []
-    if os.path.exists(path) and start_step > 0:
-      with open(path) as f:
-        for line in f:
-          try:
-            if json.loads(line).get("step", 0) <= start_step:
-              kept.append(line if line.endswith("\n") else line + "\n")
-          except json.JSONDecodeError:
-            pass  # A line cut by a kill.
-    with open(path, "w") as f:
-      f.writelines(kept)
-
-  def write(self, record: Dict[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _fingerprint(config, stage: Stage) -> Dict[str, Any]:
@@ -313,6 +293,22 @@ class Pipeline:
     key = f"{distiller.name}_loss"
     return {f"test_{key}": float(totals[key] / totals["count"])}
 
+  def predict(self, role: str, variables) -> np.ndarray:
+    """Test-set logits `(N_test, num_classes)` of a `role` model, in inference mode."""
+    model = self.models[role]
+    fn = jax.jit(lambda v, b: model.apply(v, train.normalize(b["image"], self.mean,
+                                                             self.std), train=False)[0])
+    ds = self.dataset
+    out = [np.asarray(jax.device_get(fn(variables, batch)))
+           for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh,
+                                          self.config.eval_batch_size)]
+    return np.concatenate(out)[:len(ds.test_labels)]
+
+  def final_variables(self, stage_name: str, role: str):
+    """The final `{'params', 'batch_stats'}` of a finished stage of this workdir."""
+    return checkpoints.restore_model(self.stage_dir(stage_name),
+                                     self.init_variables(role))[0]
+
   @functools.lru_cache(maxsize=None)
   def _eval_classify(self, model):
     return jax.jit(functools.partial(train.eval_classify_step, model.apply))
@@ -376,8 +372,10 @@ class Pipeline:
                                                     "teacher.pretrained checkpoint")
       log.info("[%s] fine-tunes the weights of %s.", stage.name, cfg.teacher.pretrained)
     if stage.init_from:
+      init_dir = (stage.init_from if os.path.isabs(stage.init_from)
+                  else self.stage_dir(stage.init_from))
       variables, from_step = checkpoints.restore_model(
-          self.stage_dir(stage.init_from), variables, f"stage {stage.init_from!r} checkpoint")
+          init_dir, variables, f"stage-1 checkpoint {init_dir!r}")
       log.info("[%s] starts from stage %r's weights (its step %d).", stage.name,
                stage.init_from, from_step)
     lr_fn = train.create_learning_rate_fn(sched.learning_rates, sched.boundaries)
@@ -394,10 +392,12 @@ class Pipeline:
     if jax.process_index() == 0:
       checkpoints.write_stage_info(stage_dir, {"fingerprint": fingerprint,
                                                "wall_time_s": wall_before})
-    metrics = MetricsWriter(os.path.join(stage_dir, "metrics.jsonl"), start)
+    metrics = MetricsWriter(stage_dir, start, kind=stage.kind)
     step_fn = self.make_train_step(stage)
 
     total = sched.num_steps
+    eval_every = sched.get("eval_every", -1)
+    eval_every = cfg.eval_every if eval_every < 0 else eval_every
     log.info("[%s] %s of %s (%s), steps %d..%d, batch %d.", stage.name, stage.kind,
              cfg[stage.role].model, stage.role, start, total, sched.batch_size)
     old_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -427,7 +427,7 @@ class Pipeline:
                    total, m["loss"], ips, _hms(eta))
           metrics.write({"step": done, "learning_rate": lr, "images_per_s": ips, **m})
           t_log, step_log = now, done
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+        if eval_every and done % eval_every == 0 and done != total:
           metrics.write({"step": done, **self.evaluate(stage, state.variables,
                                                        state.distiller_params)})
         if done % cfg.checkpoint_every == 0 or done == total or self._sigterm:

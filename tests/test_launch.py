@@ -1,0 +1,115 @@
+"""The multi-host launcher: argument handling and the commands it generates."""
+import shlex
+
+import pytest
+
+from fsp_jax import launch
+
+
+def _run(capsys, *argv):
+  code = launch.main(list(argv))
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_tpu_dry_run_ssh_to_all_workers(capsys):
+  code, out, _ = _run(capsys, "tpu", "--tpu", "my-v4-32", "--zone", "us-central2-b",
+                      "--project", "proj", "--config", "configs/cifar10_teacher.py",
+                      "--workdir", "/mnt/shared/runs/t", "--dry_run",
+                      "--config.seed=3", "--config.data.name=cifar100")
+  assert code == 0
+  argv = shlex.split(out)
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v4-32"]
+  assert "--zone=us-central2-b" in argv and "--project=proj" in argv
+  assert "--worker=all" in argv
+  remote, = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  assert "git clone" not in remote  # No --setup.
+  train = remote.split("; cd fsp_jax; ")[1].split(" 2>&1 | tee ")[0]
+  assert shlex.split(train) == [
+      "python3", "-m", "fsp_jax.main", "--config=configs/cifar10_teacher.py",
+      "--workdir=/mnt/shared/runs/t", "--distributed", "--config.seed=3",
+      "--config.data.name=cifar100"]
+  assert 'tee /mnt/shared/runs/t/logs/"$(hostname)".log' in remote
+
+
+def test_tpu_setup_and_detach(capsys):
+  code, out, _ = _run(capsys, "tpu", "--tpu", "v5e", "--zone", "z", "--config",
+                      "configs/quickstart.py", "--workdir", "/mnt/nfs/my run",
+                      "--setup", "--git_url", "https://example.org/fsp_jax.git",
+                      "--git_ref", "v0.1", "--detach", "--dry_run")
+  assert code == 0
+  remote = shlex.split(out)[-1]
+  assert "git clone -q https://example.org/fsp_jax.git fsp_jax" in remote
+  assert "checkout -q v0.1" in remote
+  assert "pip install -q -U 'jax[tpu]' -e fsp_jax" in remote
+  assert "nohup python3 -m fsp_jax.main" in remote and "< /dev/null &" in remote
+  assert "'--workdir=/mnt/nfs/my run'" in remote  # Quoted for the remote shell.
+
+
+def test_slurm_dry_run_prints_the_sbatch_script(capsys):
+  code, out, _ = _run(capsys, "slurm", "--nodes", "4", "--gpus_per_node", "8",
+                      "--partition", "gpu", "--time", "12:00:00", "--config",
+                      "configs/cifar10_minimization.py", "--workdir", "/shared/r",
+                      "--python", "/opt/venv/bin/python", "--repo_dir", "/shared/fsp_jax",
+                      "--dry_run", "--config.half_precision=True")
+  assert code == 0
+  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1",
+               "#SBATCH --gpus-per-node=8", "#SBATCH --time=12:00:00",
+               "#SBATCH --partition=gpu", "#SBATCH --output=/shared/r/logs/slurm-%j.out",
+               "#SBATCH --signal=TERM@120", "cd /shared/fsp_jax",
+               "srun --kill-on-bad-exit=1 /opt/venv/bin/python -m fsp_jax.main "
+               "--config=configs/cifar10_minimization.py --workdir=/shared/r "
+               "--distributed --config.half_precision=True"):
+    assert line in out.splitlines(), line
+  assert out.splitlines()[1] == "#!/bin/bash"
+  assert out.rstrip().endswith("# then: sbatch /shared/r/launch/fsp_jax.sbatch")
+  assert "--account" not in out
+
+
+def test_slurm_writes_the_script_and_submits(tmp_path, monkeypatch, capsys):
+  calls = []
+  monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/" + name)
+  monkeypatch.setattr(launch.subprocess, "run",
+                      lambda cmd, check: calls.append(cmd) or
+                      type("Done", (), {"returncode": 0})())
+  workdir = str(tmp_path / "run")
+  code, out, _ = _run(capsys, "slurm", "--config", "configs/quickstart.py",
+                      "--workdir", workdir)
+  assert code == 0
+  script = tmp_path / "run" / "launch" / "fsp_jax.sbatch"
+  assert calls == [["sbatch", str(script)]]
+  assert script.read_text().startswith("#!/bin/bash\n#SBATCH --job-name=fsp_jax\n")
+  assert (tmp_path / "run" / "logs").is_dir()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["slurm", "--config", "c.py", "--workdir", "runs/x", "--dry_run"],
+     "must be an absolute path"),
+    (["slurm", "--config", "c.py", "--workdir", "gs://b/x", "--dry_run"],
+     "is a URL"),
+    (["slurm", "--config", "c.py", "--workdir", "/s/x", "--nodes", "0", "--dry_run"],
+     "must be at least 1"),
+    (["tpu", "--tpu", "t", "--zone", "z", "--config", "c.py", "--workdir", "/s/x",
+      "--dry_run", "--seed=1"], "config overrides look like --config.FIELD=VALUE"),
+    (["tpu", "--tpu", "t", "--zone", "z", "--config", "c.py", "--workdir", "/s/x",
+      "--setup", "--dry_run"], "give its URL with --git_url"),
+])
+def test_bad_requests_are_one_line_errors(capsys, argv, message):
+  code, out, err = _run(capsys, *argv)
+  assert code == 2 and out == ""
+  assert err.startswith("fsp_jax.launch: error:") and message in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_tpu_without_gcloud_says_so(capsys, monkeypatch):
+  monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+  code, _, err = _run(capsys, "tpu", "--tpu", "t", "--zone", "z", "--config", "c.py",
+                      "--workdir", "/s/x")
+  assert code == 2 and "gcloud is not on PATH" in err
+
+
+def test_missing_required_flag_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as e:
+    launch.main(["tpu", "--config", "c.py", "--workdir", "/s/x"])
+  assert e.value.code == 2
+  assert "--tpu" in capsys.readouterr().err
