@@ -1,8 +1,11 @@
-"""Orbax checkpoints of a stage: `model` (params, batch_stats), `optimizer` and `meta`.
+"""Orbax checkpoints of a stage: `model` (params, batch_stats), `optimizer`, `meta`,
+plus `distiller` (a FitNet regressor, FSP adapters) in stages whose objective has
+learned parameters.
 
 Keeping the model weights as their own item lets the next stage (or a teacher restore)
-read just the weights, without knowing the optimizer of the stage that wrote them.
-`meta` (JSON) holds what must resume with the weights, e.g. the stage's wall time.
+read just the weights, without knowing the optimizer or distiller of the stage that
+wrote them. `meta` (JSON) holds what must resume with the weights, e.g. the stage's
+wall time.
 
 Crash safety: Orbax writes a step into a temporary directory and renames it when
 complete, so a kill mid-save leaves only a `<step>.orbax-checkpoint-tmp*` folder that
@@ -13,16 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Any, Dict, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 CHECKPOINT_DIR = "checkpoints"
 STAGE_INFO = "stage.json"
-ITEMS = ("model", "optimizer", "meta")
+ITEMS = ("model", "optimizer", "meta", "distiller")
+log = logging.getLogger("fsp_jax")
 
 
 def manager(stage_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -43,12 +49,23 @@ def save(mngr: ocp.CheckpointManager, step: int, state,
 
   Call `mngr.wait_until_finished()` before relying on it.
   """
-  mngr.save(step, args=ocp.args.Composite(
+  items = dict(
       model=ocp.args.StandardSave({"params": state.params,
                                    "batch_stats": state.batch_stats}),
       optimizer=ocp.args.StandardSave({"opt_state": state.opt_state,
                                        "step": state.step}),
-      meta=ocp.args.JsonSave(meta or {})))
+      meta=ocp.args.JsonSave(meta or {}))
+  if state.distiller_params:
+    items["distiller"] = ocp.args.StandardSave(state.distiller_params)
+  mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def save_model(path: str, variables, step: int = 0) -> None:
+  """Writes `{'params', 'batch_stats'}` alone as a checkpoint that `restore_model`
+  (and so `config.teacher.checkpoint`) reads; `path` is the stage-like directory."""
+  with manager(path) as mngr:
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(variables)))
+    mngr.wait_until_finished()
 
 
 def _abstract(tree):
@@ -67,11 +84,15 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state):
   has_meta = (mngr.directory / str(step) / "meta").exists()
   if has_meta:
     items["meta"] = ocp.args.JsonRestore()
+  if state.distiller_params:
+    items["distiller"] = ocp.args.StandardRestore(_abstract(state.distiller_params))
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   state = state.replace(params=restored.model["params"],
                         batch_stats=restored.model["batch_stats"],
                         opt_state=restored.optimizer["opt_state"],
-                        step=restored.optimizer["step"])
+                        step=restored.optimizer["step"],
+                        distiller_params=(restored.distiller if state.distiller_params
+                                          else state.distiller_params))
   return state, (dict(restored.meta) if has_meta else {})
 
 
@@ -174,3 +195,54 @@ def _check_shapes(expected, restored, what, path):
       raise ValueError(f"{what} {path!r}: {jax.tree_util.keystr(kp)} has shape "
                        f"{tuple(b.shape)}, the configured architecture expects "
                        f"{tuple(a.shape)}.")
+
+
+def restore_pretrained(path: str, variables, what: str = "pretrained checkpoint"):
+  """Initial weights for fine-tuning: `variables` with every array taken from `path`.
+
+  The classifier is the exception where its shape differs (another number of classes,
+  e.g. ImageNet's 1000 for CUB-200's 200): it keeps its value in `variables` (random).
+  Any other missing or differently shaped array is an error.
+
+  Args:
+    path: a stage directory or its checkpoints/ folder (e.g. `convert_torchvision`'s
+      output).
+    variables: `{'params', 'batch_stats'}` of the configured architecture.
+  Returns:
+    `(variables, step)`, arrays placed as those of `variables`.
+  """
+  ckpt_dir = resolve_checkpoint_dir(path)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{what} {path!r} does not exist; give a stage directory "
+                            "or a convert_torchvision output directory.")
+  with ocp.CheckpointManager(ckpt_dir, item_names=ITEMS) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{what} {path!r} holds no complete checkpoint.")
+    # Restored as saved (host arrays), so a differently sized classifier still loads.
+    metadata = mngr.item_metadata(step).model
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+    saved = mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target))).model
+  saved_leaves = {jax.tree_util.keystr(kp): v for kp, v in
+                  jax.tree_util.tree_flatten_with_path(saved)[0]}
+  reinitialised = []
+
+  def pick(kp, current):
+    key = jax.tree_util.keystr(kp)
+    if key not in saved_leaves:
+      raise ValueError(f"{what} {path!r} has no {key}: it holds another architecture.")
+    value = saved_leaves[key]
+    if tuple(value.shape) != tuple(current.shape):
+      if "classifier" in key:
+        reinitialised.append(key)
+        return current
+      raise ValueError(f"{what} {path!r}: {key} has shape {tuple(value.shape)}, the "
+                       f"configured architecture expects {tuple(current.shape)}.")
+    return jax.device_put(np.asarray(value, current.dtype), current.sharding)
+
+  out = jax.tree_util.tree_map_with_path(pick, variables)
+  if reinitialised:
+    log.info("%s: %s differ in shape (another number of classes) and start from random "
+             "weights.", what, ", ".join(reinitialised))
+  return out, step

@@ -31,9 +31,17 @@ def get_config():
       name="cifar10",  # tfds name.
       data_dir="",  # tfds data_dir ('' = tfds default).
       root="",  # image folder root for source='folder'.
-      image_size=(),  # (H, W) to resize folder images to; () keeps them.
+      image_size=(),  # (H, W) to resize images to (folder, tfds); () keeps them.
       pad=4,  # pixels of zero padding before the random crop (paper: 4).
       flip=False,  # random horizontal flips (not in the paper).
+      # (H, W): for larger images, a random-resized crop of this size replaces the
+      # pad-and-crop in training, and test images are center-cropped to it. () = off.
+      crop_size=(),
+      # A part of the data set (e.g. transfer to another task from few examples):
+      # class indices to keep, relabelled 0, 1, ... in this order (() = all), and the
+      # first N training examples of each (0 = all).
+      classes=(),
+      train_per_class=0,
   ))
 
   config.teacher = ml_collections.ConfigDict(dict(
@@ -42,6 +50,12 @@ def get_config():
       # A trained teacher to restore instead of training one: a stage directory
       # (e.g. OTHER_WORKDIR/teacher) or its checkpoints/ folder. '' trains it here.
       checkpoint="",
+      # Weights to fine-tune in the teacher stage (e.g. an ImageNet ResNet-34 from
+      # `python -m fsp_jax.convert_torchvision`); a classifier of another size starts
+      # from random weights. '' = train from random weights.
+      pretrained="",
+      # Classes of a restored teacher trained on another task; 0 = the data set's.
+      num_classes=0,
       # The paper: 0.1 -> 0.01 -> 0.001 at 32k and 48k, stop at 64k.
       schedule=schedule(64000, (0.1, 0.01, 0.001), (32000, 48000)),
   ))
@@ -53,16 +67,44 @@ def get_config():
       schedule=schedule(21000, (0.1, 0.01, 0.001), (11000, 16000)),
   ))
 
+  # Distillation methods to run, each with its stages (see fsp_jax.distillers):
+  # 'fsp' (stage 1 FSP -> 'student'), 'fitnet' (stage 1 hint -> 'fitnet', stage 2 with
+  # KD), 'kd' (the student from random weights with cross-entropy + KD).
+  config.methods = ("fsp",)
+
   # Stage 1: the FSP loss only.
   config.fsp = ml_collections.ConfigDict(dict(
       # (i, j) indices into the features (stem, section_1, ...); () = one per section.
       fsp_pairs=(),
       weights=(),  # lambda per pair; () = all 1.0 (the paper: all equal).
       pool="max",  # spatial mismatch: 'max' (paper) or 'avg'.
+      # Beyond the paper: learned 1x1 convolutions map the student's feature maps to
+      # the teacher's channel counts, so teachers of other widths can be used.
+      adapter=False,
       schedule=schedule(21000, (0.001, 0.0001, 0.00001), (11000, 16000)),
       # A finished stage 1 to reuse (a stage directory, e.g. OTHER_WORKDIR/fsp): one
       # stage-1 result initialises several students, as in the paper's Table 1.
       checkpoint="",
+  ))
+
+  # FitNet (Romero et al.) stage 1: a student layer regressed onto a teacher layer.
+  config.fitnet = ml_collections.ConfigDict(dict(
+      hint_feature=2,  # teacher feature index (stem=0, section k=k): the middle.
+      guided_feature=2,  # student feature index.
+      regressor_kernel=1,  # the regressor convolution's kernel size.
+      pool="max",  # where hint and guided maps differ in spatial size.
+      # The paper's FitNet baseline: 35k iterations, LR 1e-4, 1e-5 after 25k.
+      schedule=schedule(35000, (1e-4, 1e-5), (25000,)),
+  ))
+
+  # Hinton KD, the term FitNet's stage 2 (and the 'kd' method) adds to cross-entropy:
+  # weight * KL(softmax(teacher/T) || softmax(student/T)); the paper's FitNet: T = 3,
+  # weight decaying linearly from 4 to 1 over the stage.
+  config.kd = ml_collections.ConfigDict(dict(
+      temperature=3.0,
+      weight=4.0,
+      final_weight=1.0,  # None keeps `weight` constant.
+      scale_by_t_squared=False,  # Hinton et al. multiply by T^2.
   ))
 
   # Extra runs for comparison: 'scratch' (the student architecture trained from random
@@ -79,3 +121,17 @@ def get_config():
   config.max_checkpoints_to_keep = 2
   config.half_precision = False  # bfloat16 activations (parameters stay float32).
   return config
+
+
+def config_from_file(path: str):
+  """`get_config()` of another config file, for configs that extend a sibling, e.g.
+  `config_from_file(os.path.join(os.path.dirname(__file__), "cifar10_minimization.py"))`."""
+  import importlib.util
+  import os
+  name = "fsp_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.exists(path):
+    raise ValueError(f"config file {path} does not exist.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import queue
 import threading
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -32,6 +32,9 @@ class Dataset:
     num_classes: number of classes.
     mean, std: float32 `(C,)` per-channel statistics of the training images (0-255).
     name: where it came from.
+    crop_size: `(h, w)` where training images are larger than what the model sees:
+      training batches are random-resized crops (or center crops) of this size, and
+      test images are already center-cropped to it. None: images are used as they are.
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -41,10 +44,12 @@ class Dataset:
   mean: np.ndarray
   std: np.ndarray
   name: str
+  crop_size: Optional[Tuple[int, int]] = None
 
   @property
   def image_shape(self) -> Tuple[int, int, int]:
-    return tuple(self.train_images.shape[1:])
+    """The model's input `(H, W, C)`: the test images' shape."""
+    return tuple(self.test_images.shape[1:])
 
 
 def _finish(name, train_images, train_labels, test_images, test_labels,
@@ -59,14 +64,32 @@ def _finish(name, train_images, train_labels, test_images, test_labels,
                  mean.astype(np.float32), std.astype(np.float32), name)
 
 
+def _resize(image: np.ndarray, size: Optional[Tuple[int, int]]) -> np.ndarray:
+  """uint8 `(H, W)` or `(H, W, C)` -> `(size[0], size[1], C)` (bilinear); grey -> RGB
+  only where resizing (a data set of grey images stays one channel)."""
+  image = np.asarray(image)
+  if size is None or image.shape[:2] == tuple(size):
+    return image
+  from PIL import Image
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  img = Image.fromarray(image.astype(np.uint8))
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  return np.asarray(img.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
+
+
 def load_tfds(name: str, data_dir: Optional[str] = None,
-              train_split: str = "train", test_split: str = "test") -> Dataset:
+              train_split: str = "train", test_split: str = "test",
+              image_size: Optional[Tuple[int, int]] = None) -> Dataset:
   """Loads an image classification data set of tensorflow-datasets into memory.
 
   Uses `tfds.data_source` (random access over ArrayRecord, no TensorFlow needed). The
   data set must be prepared in `data_dir` (ArrayRecord format), e.g. once with
   `tfds build cifar10 --file_format=array_record` or
   `tfds.builder(name).download_and_prepare(file_format='array_record')`.
+  `image_size` `(H, W)` resizes every image (needed where sizes vary, e.g.
+  `caltech_birds2011`, CUB-200-2011).
   """
   import tensorflow_datasets as tfds  # Imported lazily: heavy, and optional offline.
   try:
@@ -82,16 +105,16 @@ def load_tfds(name: str, data_dir: Optional[str] = None,
   num_classes = features["label"].num_classes
   arrays = []
   for split in (train_split, test_split):
-    arrays += _read_tfds_split(tfds, name, split, data_dir)
+    arrays += _read_tfds_split(tfds, name, split, data_dir, image_size)
   return _finish(f"tfds:{name}", *arrays, num_classes)
 
 
-def _read_tfds_split(tfds, name, split, data_dir):
+def _read_tfds_split(tfds, name, split, data_dir, image_size=None):
   """`[images uint8 (N, H, W, C), labels int32 (N,)]` of one split.
 
   Prefers `tfds.data_source` (ArrayRecord, no TensorFlow). A data set prepared in the
   default TFRecord format (what `tfds.load` writes) is read through `tfds.load` where
-  TensorFlow is installed.
+  TensorFlow is installed. `image_size` `(H, W)` resizes every image.
   """
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir)
@@ -104,15 +127,23 @@ def _read_tfds_split(tfds, name, split, data_dir):
           f"it once as ArrayRecord: `pip install tensorflow && tfds build {name} "
           "--file_format=array_record`, or use an image folder (data.source='folder')."
       ) from None
-    ds = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
-    return [np.asarray(ds["image"], np.uint8), np.asarray(ds["label"], np.int32)]
+    if image_size is None:
+      ds = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
+      return [np.asarray(ds["image"], np.uint8), np.asarray(ds["label"], np.int32)]
+    # Images of varied sizes do not batch: read them one by one.
+    source = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir)))
   n = len(source)
   first = source[0]
-  images = np.empty((n,) + tuple(np.asarray(first["image"]).shape), np.uint8)
+  shape = np.asarray(_resize(first["image"], image_size)).shape
+  images = np.empty((n,) + tuple(shape), np.uint8)
   labels = np.empty((n,), np.int32)
   for k in range(n):
     record = source[k] if k else first
-    images[k] = record["image"]
+    image = _resize(record["image"], image_size)
+    if image.shape != shape:
+      raise ValueError(f"images of tfds {name!r} ({split}) differ in size ({shape} and "
+                       f"{image.shape}); set the data set's image_size to resize them.")
+    images[k] = image
     labels[k] = record["label"]
   return [images, labels]
 
@@ -229,19 +260,128 @@ def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
 
 
 def load_dataset(config) -> Dataset:
-  """Loads the data set a config's `data` block names (source: tfds, folder, digits)."""
+  """Loads the data set a config's `data` block names (source: tfds, folder, digits).
+
+  With `crop_size`, training images stay at their (resized) size for random-resized
+  crops and the test images are center-cropped to `crop_size` once here.
+  """
   source = config.source
+  size = tuple(config.image_size) if config.get("image_size") else None
   if source == "tfds":
-    return load_tfds(config.name, config.get("data_dir") or None)
-  if source == "folder":
-    size = tuple(config.image_size) if config.get("image_size") else None
-    return load_image_folder(config.root, size)
-  if source == "digits":
-    size = tuple(config.get("image_size") or (16, 16))
+    dataset = load_tfds(config.name, config.get("data_dir") or None, image_size=size)
+  elif source == "folder":
+    dataset = load_image_folder(config.root, size)
+  elif source == "digits":
+    size = size or (16, 16)
     if size[0] != size[1]:
       raise ValueError(f"digits images are square; got image_size {size}.")
-    return load_digits(size[0])
-  raise ValueError(f"unknown data source {source!r}; use 'tfds', 'folder' or 'digits'.")
+    dataset = load_digits(size[0])
+  else:
+    raise ValueError(f"unknown data source {source!r}; use 'tfds', 'folder' or 'digits'.")
+  if config.get("classes") or config.get("train_per_class"):
+    dataset = select(dataset, tuple(config.get("classes") or ()),
+                     config.get("train_per_class") or 0)
+  if config.get("crop_size"):
+    dataset = with_crop(dataset, tuple(config.crop_size))
+  return dataset
+
+
+def select(dataset: Dataset, classes: Sequence[int] = (),
+           train_per_class: int = 0) -> Dataset:
+  """A part of `dataset`: e.g. one task for a teacher, another with few examples for a
+  student (transfer learning).
+
+  Args:
+    classes: class indices to keep, relabelled 0, 1, ... in this order; () keeps all.
+    train_per_class: keep the first this many training examples of each class (in
+      the source's order: sorted file names for image folders); 0 keeps all. The test
+      split keeps every example of the kept classes.
+  Returns:
+    the new Dataset, its mean and std recomputed from its training images.
+  """
+  classes = tuple(classes) or tuple(range(dataset.num_classes))
+  bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+  if bad or len(set(classes)) != len(classes):
+    raise ValueError(f"classes {classes} must be distinct indices in 0.."
+                     f"{dataset.num_classes - 1} of {dataset.name}.")
+  arrays = []
+  for images, labels, cap in ((dataset.train_images, dataset.train_labels,
+                               train_per_class),
+                              (dataset.test_images, dataset.test_labels, 0)):
+    keep = []
+    for c in classes:
+      idx = np.flatnonzero(labels == c)
+      if cap and len(idx) < cap:
+        raise ValueError(f"class {c} of {dataset.name} has {len(idx)} training "
+                         f"examples, fewer than train_per_class={cap}.")
+      keep.append(idx[:cap] if cap else idx)
+    keep = np.concatenate(keep)
+    relabel = np.zeros(dataset.num_classes, np.int32)
+    relabel[list(classes)] = np.arange(len(classes))
+    arrays += [images[keep], relabel[labels[keep]]]
+  part = _finish(f"{dataset.name}[classes {classes}]", *arrays, len(classes))
+  return dataclasses.replace(part, crop_size=dataset.crop_size)
+
+
+def with_crop(dataset: Dataset, crop_size: Tuple[int, int]) -> Dataset:
+  """`dataset` trained on random-resized crops of `crop_size`, tested on center crops."""
+  h, w = dataset.test_images.shape[1:3]
+  if crop_size[0] > h or crop_size[1] > w:
+    raise ValueError(f"crop_size {crop_size} exceeds the images' size {(h, w)}; set "
+                     "the data set's image_size to at least crop_size.")
+  return dataclasses.replace(dataset, test_images=center_crop(dataset.test_images,
+                                                              crop_size),
+                             crop_size=crop_size)
+
+
+def center_crop(images: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """The central `size` window of uint8 `(B, H, W, C)`: `(B, size[0], size[1], C)`."""
+  h, w = images.shape[1:3]
+  top, left = (h - size[0]) // 2, (w - size[1]) // 2
+  return np.ascontiguousarray(images[:, top:top + size[0], left:left + size[1]])
+
+
+def random_resized_crop(images: np.ndarray, rngs: Sequence[np.random.Generator],
+                        size: Tuple[int, int], flip: bool = False, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  """The usual ImageNet augmentation (torchvision's RandomResizedCrop), per image.
+
+  A window of a random fraction `scale` of the area and aspect ratio `ratio`
+  (log-uniform) is cut out and resized (bilinear) to `size`; after 10 failed draws, the
+  largest central window of an allowed ratio. Then a random horizontal flip if `flip`.
+
+  Args:
+    images: uint8 `(B, H, W, C)`.
+    rngs: one Generator per image (so a crop does not depend on the batch's split
+      over processes).
+  Returns:
+    uint8 `(B, size[0], size[1], C)`.
+  """
+  from PIL import Image
+  b, h, w, c = images.shape
+  out = np.empty((b, size[0], size[1], c), np.uint8)
+  log_ratio = np.log(ratio)
+  for k, rng in zip(range(b), rngs):
+    for _ in range(10):
+      area = h * w * rng.uniform(*scale)
+      aspect = np.exp(rng.uniform(*log_ratio))
+      cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+      if 0 < cw <= w and 0 < ch <= h:
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        break
+    else:
+      aspect = min(max(w / h, ratio[0]), ratio[1])
+      cw, ch = (w, int(round(w / aspect))) if w / h < aspect else (
+          int(round(h * aspect)), h)
+      cw, ch = min(cw, w), min(ch, h)
+      top, left = (h - ch) // 2, (w - cw) // 2
+    window = images[k, top:top + ch, left:left + cw]
+    img = Image.fromarray(window[..., 0] if c == 1 else window)
+    resized = np.asarray(img.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
+    out[k] = resized.reshape(size[0], size[1], c)
+    if flip and rng.random() < 0.5:
+      out[k] = out[k, :, ::-1]
+  return out
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
@@ -298,7 +438,13 @@ def train_batch(dataset: Dataset, batch_size: int, seed: int, step: int,
   lo = process_index * local
   sl = slice(lo, lo + local)
   images = dataset.train_images[idx]
-  if augment:
+  if dataset.crop_size and augment:
+    rngs = [np.random.default_rng([seed, step, 2, k]) for k in range(lo, lo + local)]
+    images = random_resized_crop(images[sl], rngs, dataset.crop_size, flip=flip)
+    return {"image": images, "label": dataset.train_labels[idx][sl]}
+  if dataset.crop_size:
+    images = center_crop(images, dataset.crop_size)
+  elif augment:
     images = augment_batch(images, rng, pad=pad, flip=flip)
   return {"image": images[sl], "label": dataset.train_labels[idx][sl]}
 

@@ -118,6 +118,28 @@ def fsp_matrices(features: Sequence[jax.Array],
   return tuple(out)
 
 
+def _check_matrices(teacher_matrices, student_matrices, weights):
+  """Validates matching pairs; returns the per-pair weights (default all 1.0)."""
+  if len(teacher_matrices) != len(student_matrices):
+    raise ValueError(
+        f"teacher has {len(teacher_matrices)} FSP matrices, student "
+        f"{len(student_matrices)}: both must use the same fsp_pairs.")
+  if weights is None:
+    weights = (1.0,) * len(student_matrices)
+  if len(weights) != len(student_matrices):
+    raise ValueError(
+        f"{len(weights)} FSP pair weights given for {len(student_matrices)} fsp_pairs; "
+        "give one weight per pair.")
+  for k, (gt, gs) in enumerate(zip(teacher_matrices, student_matrices)):
+    if gt.shape != gs.shape:
+      raise ValueError(
+          f"FSP pair {k}: teacher matrix is {tuple(gt.shape[1:])}, student matrix is "
+          f"{tuple(gs.shape[1:])} (batch {gt.shape[0]} vs {gs.shape[0]}). FSP needs equal "
+          "channel counts on both sides: give the student the teacher's section widths, "
+          "set fsp.adapter=True (learned 1x1 adapters), or change fsp_pairs.")
+  return weights
+
+
 def fsp_distance(teacher_matrices: Sequence[jax.Array],
                  student_matrices: Sequence[jax.Array],
                  weights: Optional[Sequence[float]] = None) -> jax.Array:
@@ -133,26 +155,26 @@ def fsp_distance(teacher_matrices: Sequence[jax.Array],
   Returns:
     a float32 scalar.
   """
-  if len(teacher_matrices) != len(student_matrices):
-    raise ValueError(
-        f"teacher has {len(teacher_matrices)} FSP matrices, student "
-        f"{len(student_matrices)}: both must use the same fsp_pairs.")
-  if weights is None:
-    weights = (1.0,) * len(student_matrices)
-  if len(weights) != len(student_matrices):
-    raise ValueError(
-        f"{len(weights)} FSP pair weights given for {len(student_matrices)} fsp_pairs; "
-        "give one weight per pair.")
+  weights = _check_matrices(teacher_matrices, student_matrices, weights)
   total = jnp.zeros((), jnp.float32)
-  for k, (gt, gs, lam) in enumerate(zip(teacher_matrices, student_matrices, weights)):
-    if gt.shape != gs.shape:
-      raise ValueError(
-          f"FSP pair {k}: teacher matrix is {tuple(gt.shape[1:])}, student matrix is "
-          f"{tuple(gs.shape[1:])} (batch {gt.shape[0]} vs {gs.shape[0]}). FSP needs equal "
-          "channel counts on both sides: give the student the teacher's section widths, "
-          "or change fsp_pairs.")
+  for gt, gs, lam in zip(teacher_matrices, student_matrices, weights):
     diff = jax.lax.stop_gradient(gt) - gs
     total = total + lam * jnp.mean(jnp.sum(jnp.square(diff), axis=(1, 2)))
+  return total
+
+
+def fsp_distances(teacher_matrices: Sequence[jax.Array],
+                  student_matrices: Sequence[jax.Array],
+                  weights: Optional[Sequence[float]] = None) -> jax.Array:
+  """Eq. 2 per example: `(B,)` of sum_i lambda_i || G_i^T[b] - G_i^S[b] ||_F^2.
+
+  Its batch mean is `fsp_distance`. Arguments as for `fsp_distance`.
+  """
+  weights = _check_matrices(teacher_matrices, student_matrices, weights)
+  total = jnp.zeros(student_matrices[0].shape[:1], jnp.float32)
+  for gt, gs, lam in zip(teacher_matrices, student_matrices, weights):
+    diff = jax.lax.stop_gradient(gt) - gs
+    total = total + lam * jnp.sum(jnp.square(diff), axis=(1, 2))
   return total
 
 

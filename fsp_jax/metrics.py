@@ -53,12 +53,13 @@ def tensorboard_tag(key: str, kind: str = "classify") -> str:
 
   Args:
     key: a metrics.jsonl key other than 'step'.
-    kind: the stage kind, 'classify' or 'fsp' (whose training loss is the FSP loss).
+    kind: the stage kind, 'classify' or a stage 1's distiller ('fsp', 'hint'), whose
+      training loss is that distiller's loss ('train/fsp_loss').
   """
   if key.startswith("test_"):
     return "test/" + key[len("test_"):]
-  if key == "loss" and kind == "fsp":
-    return "train/fsp_loss"
+  if key == "loss" and kind != "classify":
+    return f"train/{kind}_loss"
   return "train/" + key
 
 
@@ -145,7 +146,7 @@ class MetricsWriter:
   def __init__(self, stage_dir: str, start_step: int, kind: str = "classify",
                final_step: int = -1):
     """Args: stage_dir: `WORKDIR/<stage>`; start_step: the step the stage starts or
-    resumes at (0 for a fresh start); kind: 'classify' or 'fsp' (names the loss);
+    resumes at (0 for a fresh start); kind: the stage's kind (names the loss);
     final_step: the stage's last step."""
     self.path = os.path.join(stage_dir, JSONL)
     self.kind = kind

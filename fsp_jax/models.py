@@ -28,13 +28,15 @@ class ResidualModule(nn.Module):
   strides: int
   conv: ModuleDef
   norm: ModuleDef
+  padding: Any = "SAME"
 
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
+                  padding=self.padding, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    y = self.conv(self.filters, (3, 3), padding=self.padding, name="conv2")(y)
     y = self.norm(name="bn2")(y)
     if residual.shape != y.shape:
       # Projection shortcut (1x1 conv + BN) where width or resolution changes.
@@ -54,12 +56,16 @@ class ResNet(nn.Module):
     stem: "cifar" (BN-conv3x3-BN-ReLU) or "imagenet" (conv7x7/2-BN-ReLU-maxpool3x3/2).
     dtype: computation dtype (float32, or bfloat16 for mixed precision); parameters
       stay float32.
+    conv_padding: padding of the 3x3 convolutions in residual modules. "SAME" pads a
+      stride-2 convolution of an even-sized map by (0, 1); 1 pads (1, 1) as PyTorch
+      does, which torchvision weights need (the ImageNet family uses it).
   """
   modules_per_section: Sequence[int]
   widths: Sequence[int]
   num_classes: int = 10
   stem: str = "cifar"
   dtype: Any = jnp.float32
+  conv_padding: Any = "SAME"
 
   @nn.compact
   def __call__(self, x, train: bool = True) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
@@ -91,6 +97,7 @@ class ResNet(nn.Module):
       for m in range(n):
         strides = 2 if (s > 0 and m == 0) else 1
         x = ResidualModule(width, strides, conv=conv, norm=norm,
+                           padding=self.conv_padding,
                            name=f"section{s + 1}_module{m + 1}")(x)
       features.append(x)
     pooled = jnp.mean(x, axis=(1, 2))
@@ -110,10 +117,14 @@ def cifar_resnet(depth: int, width_multiplier: int = 1, **kwargs) -> ResNet:
 
 def imagenet_resnet(modules_per_section: Sequence[int], width_multiplier: int = 1,
                     **kwargs) -> ResNet:
-  """A basic-block ImageNet ResNet with 4 sections of widths (64, 128, 256, 512)."""
+  """A basic-block ImageNet ResNet with 4 sections of widths (64, 128, 256, 512).
+
+  Laid out as torchvision's `resnet18`/`resnet34` (PyTorch padding included), so
+  `fsp_jax.convert_torchvision` weights give the same outputs.
+  """
   widths = tuple(w * width_multiplier for w in (64, 128, 256, 512))
   return ResNet(modules_per_section=tuple(modules_per_section), widths=widths,
-                stem="imagenet", **kwargs)
+                stem="imagenet", conv_padding=1, **kwargs)
 
 
 MODELS: Dict[str, Callable[..., ResNet]] = {

@@ -1,4 +1,5 @@
-"""The two-stage FSP pipeline: teacher, stage 1 (FSP), stage 2 (main task), baselines.
+"""The two-stage pipeline: teacher, then per distillation method a stage 1 (FSP, FitNet
+hints) and a stage 2 (main task, FitNet's with Hinton KD), then baselines.
 
 Each stage writes under `WORKDIR/<stage>/`: Orbax checkpoints, `metrics.jsonl` and
 `stage.json`. `WORKDIR/results.json` collects each finished stage's final numbers.
@@ -39,13 +40,20 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from fsp_jax import checkpoints, data, fsp, models, train
+from fsp_jax import checkpoints, data, distillers, models, train
 from fsp_jax.metrics import MetricsWriter
 
 log = logging.getLogger("fsp_jax")
 RESULTS = "results.json"
 BASELINES = ("scratch", "teacher_short")
+# Distillation methods (config.methods) and the stages each runs.
+METHODS = ("fsp", "fitnet", "kd")
 ROLE_SEED = {"teacher": 0, "student": 1}
+DISTILLER_SEED = 2
+# Config fields added after the first release, left out of stage fingerprints while
+# they hold these defaults so that workdirs of earlier versions still resume.
+_NEW_DATA_DEFAULTS = {"crop_size": (), "classes": (), "train_per_class": 0}
+_LABELS = {"fsp": "FSP", "hint": "FitNet hints", "kd": "KD"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +62,14 @@ class Stage:
 
   Attributes:
     name: directory and results key ('teacher', 'fsp', 'student', 'scratch', ...).
-    kind: 'classify' (cross-entropy) or 'fsp' (stage 1).
+    kind: 'classify' (cross-entropy on labels) or the distiller of a stage 1 ('fsp',
+      'hint'), whose objective alone is trained (no labels).
     role: which architecture it trains: 'teacher' or 'student'.
     schedule: the stage's optimisation config (steps already scaled).
     init_from: the stage (name, or a stage directory path) whose final weights
       initialise this one, or None (random initialisation).
+    distill: a distiller whose term is added to a 'classify' stage's cross-entropy
+      ('kd'), or None.
     schedule_field: the config field `schedule` comes from (for error messages).
   """
   name: str
@@ -66,6 +77,7 @@ class Stage:
   role: str
   schedule: ml_collections.ConfigDict
   init_from: Optional[str] = None
+  distill: Optional[str] = None
   schedule_field: str = "student.schedule"
 
 
@@ -83,6 +95,10 @@ def plan_stages(config) -> List[Stage]:
   unknown = set(config.baselines) - set(BASELINES)
   if unknown:
     raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}.")
+  unknown = set(config.methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown distillation methods {sorted(unknown)}; choose from "
+                     f"{METHODS}.")
   student = scaled_schedule(config.student.schedule, scale)
   stages = []
   if not config.teacher.checkpoint:
@@ -91,14 +107,23 @@ def plan_stages(config) -> List[Stage]:
                         schedule_field="teacher.schedule"))
   if config.teacher_only:
     return stages
-  stage_one = "fsp"
-  if config.fsp.checkpoint:
-    stage_one = os.path.abspath(config.fsp.checkpoint)
-  else:
-    stages.append(Stage("fsp", "fsp", "student",
-                        scaled_schedule(config.fsp.schedule, scale),
-                        schedule_field="fsp.schedule"))
-  stages.append(Stage("student", "classify", "student", student, init_from=stage_one))
+  if "fsp" in config.methods:
+    stage_one = "fsp"
+    if config.fsp.checkpoint:
+      stage_one = os.path.abspath(config.fsp.checkpoint)
+    else:
+      stages.append(Stage("fsp", "fsp", "student",
+                          scaled_schedule(config.fsp.schedule, scale),
+                          schedule_field="fsp.schedule"))
+    stages.append(Stage("student", "classify", "student", student, init_from=stage_one))
+  if "fitnet" in config.methods:
+    stages.append(Stage("fitnet_hint", "hint", "student",
+                        scaled_schedule(config.fitnet.schedule, scale),
+                        schedule_field="fitnet.schedule"))
+    stages.append(Stage("fitnet", "classify", "student", student,
+                        init_from="fitnet_hint", distill="kd"))
+  if "kd" in config.methods:
+    stages.append(Stage("kd", "classify", "student", student, distill="kd"))
   if "scratch" in config.baselines:
     stages.append(Stage("scratch", "classify", "student", student))
   if "teacher_short" in config.baselines:
@@ -109,33 +134,67 @@ def plan_stages(config) -> List[Stage]:
 def build_model(config, role: str, num_classes: int):
   spec = config[role]
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  if role == "teacher" and config.teacher.get("num_classes"):
+    num_classes = config.teacher.num_classes
   return models.create_model(spec.model, num_classes, spec.width_multiplier, dtype)
 
 
-def fsp_settings(config, num_features: int):
-  pairs = tuple(tuple(p) for p in config.fsp.fsp_pairs) or fsp.default_fsp_pairs(
-      num_features)
-  weights = tuple(config.fsp.weights) or None
-  return pairs, weights, config.fsp.pool
+def build_distiller(config, name: str, num_steps: int = 1):
+  """The `fsp_jax.distillers` method `name` ('fsp', 'hint', 'kd') as configured."""
+  if name == "fsp":
+    return distillers.FSP(tuple(tuple(p) for p in config.fsp.fsp_pairs),
+                          tuple(config.fsp.weights) or None, config.fsp.pool,
+                          adapter=config.fsp.get("adapter", False))
+  if name == "hint":
+    f = config.fitnet
+    return distillers.Hint(f.hint_feature, f.guided_feature, f.regressor_kernel,
+                           f.pool)
+  if name == "kd":
+    k = config.kd
+    return distillers.KD(k.temperature, k.weight, k.get("final_weight"), num_steps,
+                         k.scale_by_t_squared)
+  raise ValueError(f"unknown distiller {name!r}; choose from {sorted(_LABELS)}.")
 
 
-def check_fsp_compatible(teacher, student, image_shape, config) -> None:
-  """Fails before any training where teacher and student FSP matrices cannot pair."""
+def stage_distiller(config, stage: Stage):
+  """The distiller a stage trains with (its stage-1 objective or added term), or None."""
+  if stage.kind != "classify":
+    return build_distiller(config, stage.kind)
+  if stage.distill:
+    return build_distiller(config, stage.distill, stage.schedule.num_steps)
+  return None
+
+
+def model_outputs(model, image_shape):
+  """Shapes (ShapeDtypeStructs) of `model`'s `(logits, features)` for a batch of 2."""
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
-  shapes = {}
-  for role, model in (("teacher", teacher), ("student", student)):
-    variables = jax.eval_shape(lambda m=model: train.init_variables(
-        m, jax.random.PRNGKey(0), image_shape))
-    _, feats = jax.eval_shape(lambda v, x, m=model: m.apply(v, x, train=False),
-                              variables, x)
-    shapes[role] = feats
-  pairs, weights, pool = fsp_settings(config, len(shapes["student"]))
-  try:
-    jax.eval_shape(lambda t, s: fsp.fsp_loss(t, s, pairs, weights, pool),
-                   shapes["teacher"], shapes["student"])
-  except ValueError as e:
-    raise ValueError(f"teacher {config.teacher.model} and student "
-                     f"{config.student.model} cannot be paired for FSP: {e}") from None
+  variables = jax.eval_shape(lambda: train.init_variables(
+      model, jax.random.PRNGKey(0), image_shape))
+  return jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+
+
+def check_distillers(config, stages, outputs) -> None:
+  """Fails before any training where a stage's teacher and student cannot be paired.
+
+  Args:
+    outputs: `{'teacher': (logits, features), 'student': ...}` shapes (`model_outputs`).
+  """
+  t_logits, t_feats = outputs["teacher"]
+  s_logits, s_feats = outputs["student"]
+  for stage in stages:
+    distiller = stage_distiller(config, stage)
+    if distiller is None:
+      continue
+    try:
+      params = jax.eval_shape(lambda: distiller.init(jax.random.PRNGKey(0), t_feats,
+                                                     s_feats))
+      targets = jax.eval_shape(distiller.teacher_targets, t_logits, t_feats)
+      jax.eval_shape(lambda p, t, l, f: distiller.objective(p, t, l, f, 0), params,
+                     targets, s_logits, s_feats)
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(f"teacher {config.teacher.model} and student "
+                       f"{config.student.model} cannot be paired for "
+                       f"{_LABELS[distiller.name]}: {e}") from None
 
 
 def read_results(workdir: str) -> Dict[str, Any]:
@@ -165,10 +224,26 @@ def _without_eval_every(fp):
 def _legacy_fingerprint(config, stage: Stage) -> Dict[str, Any]:
   """The fingerprint of fsp_jax 0.1.0 workdirs, still accepted so they can resume."""
   spec = config[stage.role]
-  return _jsonable({"stage": stage.name, "kind": stage.kind, "model": spec.model,
-          "width_multiplier": spec.width_multiplier, "data": config.data.to_dict(),
-          "seed": config.seed, "schedule": stage.schedule.to_dict(),
-          "init_from": stage.init_from})
+  data_config = {k: v for k, v in config.data.to_dict().items()
+                 if not (k in _NEW_DATA_DEFAULTS and _jsonable(v) == _jsonable(
+                     _NEW_DATA_DEFAULTS[k]))}
+  fingerprint = {"stage": stage.name, "kind": stage.kind, "model": spec.model,
+                 "width_multiplier": spec.width_multiplier, "data": data_config,
+                 "seed": config.seed, "schedule": stage.schedule.to_dict(),
+                 "init_from": stage.init_from}
+  # Settings added with the pluggable distillers, only where they apply.
+  if stage.kind == "fsp" and config.fsp.get("adapter"):
+    fingerprint["fsp_adapter"] = True
+  if stage.kind == "hint":
+    fingerprint["fitnet"] = {k: v for k, v in config.fitnet.to_dict().items()
+                             if k != "schedule"}
+  if stage.distill:
+    fingerprint["distill"] = {"method": stage.distill, **config[stage.distill].to_dict()}
+  if stage.role == "teacher" and config.teacher.get("num_classes"):
+    fingerprint["num_classes"] = config.teacher.num_classes
+  if stage.name == "teacher" and config.teacher.get("pretrained"):
+    fingerprint["pretrained"] = os.path.abspath(config.teacher.pretrained)
+  return _jsonable(fingerprint)
 
 
 def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
@@ -278,9 +353,15 @@ class Pipeline:
     self.mean = jax.device_put(jnp.asarray(self.dataset.mean), self.replicated)
     self.std = jax.device_put(jnp.asarray(self.dataset.std), self.replicated)
     self.stages = plan_stages(config)
-    if not config.teacher_only:
-      check_fsp_compatible(self.models["teacher"], self.models["student"],
-                           self.dataset.image_shape, config)
+    if (any(s.role == "teacher" for s in self.stages)
+        and self.models["teacher"].num_classes != nc):
+      raise ValueError(
+          f"teacher.num_classes={config.teacher.num_classes} differs from the data set's "
+          f"{nc} classes, but this config trains the teacher on that data set: set "
+          "teacher.num_classes only with a restored teacher (teacher.checkpoint).")
+    self.outputs = {role: model_outputs(m, self.dataset.image_shape)
+                    for role, m in self.models.items()}
+    check_distillers(config, self.stages, self.outputs)
     self.fingerprints = {s.name: fingerprint(config, s, self.stages) for s in self.stages}
     for stage in self.stages:
       self.check_stage_dir(stage)
@@ -344,7 +425,8 @@ class Pipeline:
           path, self.abstract_variables("teacher"), what)
     return self._teacher_variables
 
-  def evaluate(self, stage: Stage, variables) -> Dict[str, float]:
+  def evaluate(self, stage: Stage, variables, distiller_params=None) -> Dict[str, float]:
+    """Test accuracy and loss, or for a stage 1 its objective: `test_<distiller>_loss`."""
     ds, bs = self.dataset, self.config.eval_batch_size
     model = self.models[stage.role]
     totals = None
@@ -354,12 +436,14 @@ class Pipeline:
         totals = train.accumulate(totals, step(variables, batch, self.mean, self.std))
       return {"test_accuracy": float(totals["correct"] / totals["count"]),
               "test_loss": float(totals["loss"] / totals["count"])}
-    step = self._eval_fsp(model)
+    distiller = stage_distiller(self.config, stage)
+    step = self._eval_distill(model, distiller)
     teacher = self.teacher_variables()
     for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh, bs):
-      totals = train.accumulate(totals, step(variables, teacher, batch, self.mean,
-                                             self.std))
-    return {"test_fsp_loss": float(totals["fsp_loss"] / totals["count"])}
+      totals = train.accumulate(totals, step(variables, distiller_params or {}, teacher,
+                                             batch, self.mean, self.std))
+    key = f"{distiller.name}_loss"
+    return {f"test_{key}": float(totals[key] / totals["count"])}
 
   def predict(self, role: str, variables) -> np.ndarray:
     """Test-set logits `(N_test, num_classes)` of a `role` model, in inference mode."""
@@ -382,22 +466,31 @@ class Pipeline:
     return jax.jit(functools.partial(train.eval_classify_step, model.apply))
 
   @functools.lru_cache(maxsize=None)
-  def _eval_fsp(self, model):
-    pairs, weights, pool = fsp_settings(self.config, len(self.models["student"].widths) + 1)
+  def _eval_distill(self, model, distiller):
     return jax.jit(functools.partial(
-        train.eval_fsp_step, model.apply, teacher_apply=self.models["teacher"].apply,
-        fsp_pairs=pairs, fsp_weights=weights, pool=pool))
+        train.eval_distill_step, model.apply, teacher_apply=self.models["teacher"].apply,
+        distiller=distiller))
 
   def make_train_step(self, stage: Stage):
-    if stage.kind == "classify":
+    distiller = stage_distiller(self.config, stage)
+    if distiller is None:
       step = jax.jit(train.classify_step, donate_argnums=0)
       return lambda state, batch: step(state, batch, self.mean, self.std)
-    pairs, weights, pool = fsp_settings(self.config, len(self.models["student"].widths) + 1)
     step = jax.jit(functools.partial(
-        train.fsp_step, teacher_apply=self.models["teacher"].apply, fsp_pairs=pairs,
-        fsp_weights=weights, pool=pool), donate_argnums=0)
+        train.train_step, teacher_apply=self.models["teacher"].apply,
+        distiller=distiller, use_labels=stage.kind == "classify"), donate_argnums=0)
     teacher = self.teacher_variables()
     return lambda state, batch: step(state, teacher, batch, self.mean, self.std)
+
+  def init_distiller_params(self, stage: Stage):
+    """The stage's distiller's own initial parameters (`{}` for most stages)."""
+    distiller = stage_distiller(self.config, stage)
+    if distiller is None:
+      return {}
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), DISTILLER_SEED)
+    return jax.jit(lambda r: distiller.init(r, self.outputs["teacher"][1],
+                                            self.outputs["student"][1]),
+                   out_shardings=self.replicated)(rng)
 
   # ---- stages --------------------------------------------------------------------
   def run(self) -> Dict[str, Any]:
@@ -435,10 +528,15 @@ class Pipeline:
                stage.init_from, from_step)
     else:
       variables = self.init_variables(stage.role)
+      if stage.name == "teacher" and cfg.teacher.get("pretrained"):
+        variables, _ = checkpoints.restore_pretrained(cfg.teacher.pretrained, variables,
+                                                      "teacher.pretrained checkpoint")
+        log.info("[%s] fine-tunes the weights of %s.", stage.name, cfg.teacher.pretrained)
     lr_fn = train.create_learning_rate_fn(sched.learning_rates, sched.boundaries)
     tx = train.create_optimizer(lr_fn, sched.momentum, sched.weight_decay)
-    state = jax.jit(lambda v: train.create_train_state(model, v, tx),
-                    out_shardings=self.replicated)(variables)
+    distiller_params = self.init_distiller_params(stage)
+    state = jax.jit(lambda v, d: train.create_train_state(model, v, tx, d),
+                    out_shardings=self.replicated)(variables, distiller_params)
 
     mngr = checkpoints.manager(stage_dir, cfg.max_checkpoints_to_keep)
     start = mngr.latest_step() or 0
@@ -488,7 +586,8 @@ class Pipeline:
           metrics.write({"step": done, "learning_rate": lr, "images_per_s": ips, **m})
           t_log, step_log = now, done
         if eval_every and done % eval_every == 0 and done != total:
-          metrics.write({"step": done, **self.evaluate(stage, state.variables)})
+          metrics.write({"step": done, **self.evaluate(stage, state.variables,
+                                                       state.distiller_params)})
         if done % cfg.checkpoint_every == 0 or done == total or preempted:
           save(done)
           last_saved = done
@@ -500,7 +599,7 @@ class Pipeline:
       mngr.wait_until_finished()
     finally:
       mngr.close()  # Waits for a save in flight: the last good checkpoint completes.
-    final = self.evaluate(stage, state.variables)
+    final = self.evaluate(stage, state.variables, state.distiller_params)
     wall = wall_before + time.time() - t_stage
     metrics.write({"step": total, **final})
     result = {"kind": stage.kind, "model": cfg[stage.role].model, "steps": total,
@@ -544,14 +643,18 @@ def _summary(result: Dict[str, Any]) -> str:
   if "test_accuracy" in result:
     return (f"test accuracy {100 * result['test_accuracy']:.2f}% after {result['steps']} "
             f"steps, {result['wall_time_s']:.0f} s")
-  return (f"test FSP loss {result.get('test_fsp_loss', float('nan')):.4g} after "
+  key = next((k for k in result if k.startswith("test_") and k.endswith("_loss")),
+             "test_loss")
+  name = _LABELS.get(key[len("test_"):-len("_loss")], key)
+  return (f"test {name} loss {result.get(key, float('nan')):.4g} after "
           f"{result['steps']} steps, {result['wall_time_s']:.0f} s")
 
 
 def results_table(results: Dict[str, Any]) -> str:
   """A small text table: each classification stage's final test accuracy."""
   labels = {"teacher": "teacher", "teacher_short": "teacher, student's schedule",
-            "scratch": "student from scratch", "student": "FSP student (stage 2)"}
+            "scratch": "student from scratch", "student": "FSP student (stage 2)",
+            "fitnet": "FitNet student (stage 2, KD)", "kd": "student with Hinton KD"}
   rows = [("run", "model", "steps", "test acc %", "time s")]
   for name, r in results.items():
     if "test_accuracy" not in r:

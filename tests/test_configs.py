@@ -21,9 +21,13 @@ def load(path):
 def test_config_plans_stages(path):
   config = load(path)
   names = [s.name for s in pipeline.plan_stages(config)]
-  assert names[0] == "teacher"
-  if not config.teacher_only:
-    assert names[1:3] == ["fsp", "student"]
+  assert names[0] == "teacher" or config.teacher.checkpoint
+  if config.teacher_only:
+    return
+  expected = {"fsp": ["fsp", "student"], "fitnet": ["fitnet_hint", "fitnet"],
+              "kd": ["kd"]}
+  planned = [n for m in config.methods for n in expected[m]]
+  assert names[1:1 + len(planned)] == planned
 
 
 def test_paper_hyperparameters():
@@ -42,3 +46,27 @@ def test_paper_hyperparameters():
   assert stages["teacher"].schedule.num_steps == 640
   assert stages["teacher"].schedule.boundaries == (320, 480)
   assert len(scaled) == 4
+
+
+def test_fitnet_and_transfer_hyperparameters():
+  here = os.path.dirname(CONFIGS[0])
+  c = load(os.path.join(here, "cifar10_fast_optimization_fitnet.py"))
+  assert c.methods == ("fitnet",) and c.teacher.model == "cifar_resnet26"
+  assert c.fitnet.schedule.num_steps == 35000
+  assert c.fitnet.schedule.learning_rates == (1e-4, 1e-5)
+  assert c.fitnet.schedule.boundaries == (25000,)
+  assert (c.kd.temperature, c.kd.weight, c.kd.final_weight) == (3.0, 4.0, 1.0)
+  stages = {s.name: s for s in pipeline.plan_stages(c)}
+  assert stages["fitnet"].init_from == "fitnet_hint" and stages["fitnet"].distill == "kd"
+  assert stages["fitnet"].schedule.num_steps == 21000
+  c100 = load(os.path.join(here, "cifar100_minimization_fitnet.py"))
+  assert c100.student.model == "cifar_resnet14" and not c100.fitnet.schedule.augment
+  cub = load(os.path.join(here, "cub200_transfer.py"))
+  assert cub.data.name == "caltech_birds2011" and cub.data.crop_size == (224, 224)
+  assert (cub.teacher.model, cub.student.model) == ("resnet34", "resnet20_transfer")
+  assert cub.student.schedule.boundaries == (10000, 20000)
+  assert cub.student.schedule.num_steps == 30000
+  # One FSP pair per section: 4 for the 4-section ImageNet ResNets.
+  assert len(pipeline.build_distiller(cub, "fsp").pairs(5)) == 4
+  assert [s.name for s in pipeline.plan_stages(cub)] == [
+      "teacher", "fsp", "student", "fitnet_hint", "fitnet", "scratch"]

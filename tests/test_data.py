@@ -70,6 +70,52 @@ def test_tfds_source_under_mock_data():
     data.load_tfds("no_such_dataset_xyz")
 
 
+def test_cub_200_from_tfds_resized_and_cropped():
+  """caltech_birds2011 (CUB-200-2011) has images of many sizes: resized on loading,
+  random-resized crops in training, center crops for testing."""
+  import ml_collections
+  import tensorflow_datasets as tfds
+  config = ml_collections.ConfigDict(dict(source="tfds", name="caltech_birds2011",
+                                          data_dir="", image_size=(20, 24),
+                                          crop_size=(16, 16)))
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(ValueError, match="image_size"):
+      data.load_tfds("caltech_birds2011")
+    ds = data.load_dataset(config)
+  assert ds.num_classes == 200 and ds.crop_size == (16, 16)
+  assert ds.train_images.shape == (8, 20, 24, 3) and ds.test_images.shape == (8, 16, 16, 3)
+  assert ds.image_shape == (16, 16, 3)
+  batch = data.train_batch(ds, 4, seed=0, step=1, flip=True)
+  assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
+  np.testing.assert_array_equal(batch["image"],
+                                data.train_batch(ds, 4, seed=0, step=1, flip=True)["image"])
+  # Each process crops its own half; together they are the global batch.
+  halves = [data.train_batch(ds, 4, 0, 1, flip=True, process_index=p, process_count=2)
+            for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]),
+                                batch["image"])
+  plain = data.train_batch(ds, 4, seed=0, step=1, augment=False)
+  np.testing.assert_array_equal(plain["image"],
+                                data.center_crop(ds.train_images[
+                                    data.train_batch_indices(8, 4, 0, 1)], (16, 16)))
+
+
+def test_random_resized_crop_covers_scales_and_flips():
+  image = np.arange(32 * 32, dtype=np.uint8).reshape(1, 32, 32, 1) % 251
+  rngs = [np.random.default_rng(k) for k in range(40)]
+  out = data.random_resized_crop(np.repeat(image, 40, 0), rngs, (8, 8), flip=True)
+  assert out.shape == (40, 8, 8, 1)
+  assert len({o.tobytes() for o in out}) == 40
+  # The whole image as the window (scale 1, ratio 1) is a plain resize.
+  full = data.random_resized_crop(image, [np.random.default_rng(0)], (16, 16),
+                                  scale=(1.0, 1.0), ratio=(1.0, 1.0))
+  from PIL import Image
+  want = np.asarray(Image.fromarray(image[0, ..., 0]).resize((16, 16), Image.BILINEAR))
+  np.testing.assert_array_equal(full[0, ..., 0], want)
+  with pytest.raises(ValueError, match="crop_size"):
+    data.with_crop(data.load_digits(8), (16, 16))
+
+
 def test_augmentation_is_pad_and_crop():
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, size=(64, 8, 8, 3), dtype=np.uint8)
@@ -118,3 +164,19 @@ def test_real_cifar10_image_folder(cifar10_folder):
   assert ds.train_images.shape == (50000, 32, 32, 3)
   assert ds.test_images.shape == (10000, 32, 32, 3)
   np.testing.assert_allclose(ds.mean, [125.27, 122.93, 113.86], atol=0.05)
+
+
+def test_select_keeps_classes_and_few_training_examples():
+  ds = data.load_digits(8)
+  part = data.select(ds, classes=(7, 2), train_per_class=5)
+  assert part.num_classes == 2 and len(part.train_labels) == 10
+  np.testing.assert_array_equal(part.train_labels, [0] * 5 + [1] * 5)
+  np.testing.assert_array_equal(part.train_images[:5],
+                                ds.train_images[np.flatnonzero(ds.train_labels == 7)[:5]])
+  assert len(part.test_labels) == np.sum(np.isin(ds.test_labels, (7, 2)))
+  np.testing.assert_allclose(part.mean, part.train_images.reshape(-1, 1).mean(0),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="distinct indices"):
+    data.select(ds, classes=(3, 10))
+  with pytest.raises(ValueError, match="fewer than train_per_class"):
+    data.select(ds, classes=(1,), train_per_class=1000)

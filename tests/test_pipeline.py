@@ -7,9 +7,10 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from fsp_jax import checkpoints, config_lib, pipeline
+from fsp_jax import checkpoints, config_lib, models, pipeline, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +64,72 @@ def test_stage_two_starts_from_stage_one_final_weights(tmp_path):
   scratch = p.init_variables("student")
   assert not np.array_equal(fsp_final["params"]["stem_conv"]["kernel"],
                             scratch["params"]["stem_conv"]["kernel"])
+
+
+def test_pretrained_weights_fine_tune_with_a_new_classifier(tmp_path):
+  ten = models.create_model("cifar_resnet8", 10)
+  pre = train.init_variables(ten, jax.random.PRNGKey(5), (8, 8, 1))
+  checkpoints.save_model(str(tmp_path / "pre"), pre)
+  five = models.create_model("cifar_resnet8", 5)
+  init = train.init_variables(five, jax.random.PRNGKey(0), (8, 8, 1))
+  out, step = checkpoints.restore_pretrained(str(tmp_path / "pre"), init)
+  assert step == 0
+  np.testing.assert_array_equal(out["params"]["stem_conv"]["kernel"],
+                                pre["params"]["stem_conv"]["kernel"])
+  np.testing.assert_array_equal(out["batch_stats"]["stem_bn"]["var"],
+                                pre["batch_stats"]["stem_bn"]["var"])
+  np.testing.assert_array_equal(out["params"]["classifier"]["kernel"],
+                                init["params"]["classifier"]["kernel"])
+  other = train.init_variables(models.create_model("cifar_resnet14", 5),
+                               jax.random.PRNGKey(0), (8, 8, 1))
+  with pytest.raises(ValueError, match="another architecture"):
+    checkpoints.restore_pretrained(str(tmp_path / "pre"), other)
+
+
+def test_fitnet_and_adapted_fsp_stages_hand_over_the_student_alone(tmp_path):
+  config = tiny_config()
+  config.teacher.width_multiplier = 2  # Wider teacher: FSP needs the adapters.
+  # The teacher fine-tunes pretrained weights of another task (3 classes); with a zero
+  # learning rate, its final weights are those weights and a new 10-way classifier.
+  teacher = models.create_model("cifar_resnet8", 3, width_multiplier=2)
+  pretrained = train.init_variables(teacher, jax.random.PRNGKey(7), (8, 8, 1))
+  checkpoints.save_model(str(tmp_path / "pretrained"), pretrained)
+  config.teacher.pretrained = str(tmp_path / "pretrained")
+  config.teacher.schedule = config_lib.schedule(2, (0.0,), (), batch_size=32,
+                                                weight_decay=0.0)
+  config.fsp.adapter = True
+  config.methods = ("fsp", "fitnet")
+  config.baselines = ()
+  config.fsp.schedule = config_lib.schedule(4, (1e-3,), (), batch_size=32)
+  config.fitnet.schedule = config_lib.schedule(4, (1e-3,), (), batch_size=32)
+  # Stage 2 with a zero learning rate: its final weights are its initial ones.
+  config.student.schedule = config_lib.schedule(2, (0.0,), (), batch_size=32,
+                                                weight_decay=0.0)
+  config.eval_every = 0
+  p = pipeline.Pipeline(config, str(tmp_path))
+  results = p.run()
+  assert list(results) == ["teacher", "fsp", "student", "fitnet_hint", "fitnet"]
+  assert results["fsp"]["test_fsp_loss"] > 0 and results["fitnet_hint"]["test_hint_loss"] > 0
+  lines = [json.loads(l) for l in open(tmp_path / "fitnet" / "metrics.jsonl")]
+  assert all(np.isfinite(l["kd_loss"]) for l in lines if "kd_loss" in l)
+  teacher_final = _final_model(str(tmp_path / "teacher"), p.init_variables("teacher"))
+  np.testing.assert_array_equal(teacher_final["params"]["section2_module1"]["conv1"][
+      "kernel"], pretrained["params"]["section2_module1"]["conv1"]["kernel"])
+  assert teacher_final["params"]["classifier"]["kernel"].shape == (64 * 2, 10)
+  template = p.init_variables("student")
+  for stage1, stage2 in (("fsp", "student"), ("fitnet_hint", "fitnet")):
+    a = _final_model(str(tmp_path / stage1), template)
+    b = _final_model(str(tmp_path / stage2), template)
+    jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+    # The stage-1 objective's own parameters were trained and saved apart.
+    stage = next(s for s in p.stages if s.name == stage1)
+    initial = p.init_distiller_params(stage)
+    with checkpoints.manager(str(tmp_path / stage1)) as mngr:
+      saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+          distiller=ocp.args.StandardRestore(initial))).distiller
+    changed = jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))),
+                           initial, saved)
+    assert jax.tree.leaves(changed) and all(jax.tree.leaves(changed))
 
 
 class _Interrupt(Exception):
@@ -136,6 +203,9 @@ def _assert_one_line_error(proc, message):
     (["--config.fsp.fsp_pairs=((0,9),)"], "FSP pair (0, 9) is out of range"),
     (["--config.teacher.model=cifar_resnet27"], "unknown model"),
     (["--num_processes=2"], "go together"),
+    (["--config.methods=('fitnet', 'bogus')"], "unknown distillation methods"),
+    (["--config.methods=('kd',)", "--config.teacher.num_classes=3"],
+     "teacher.num_classes=3 differs"),
 ])
 def test_cli_bad_input_is_a_one_line_error(tmp_path, cli_env, args, message):
   if any("FOLDER" in a for a in args):

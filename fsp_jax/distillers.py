@@ -1,0 +1,222 @@
+"""Distillation methods as pluggable objectives: FSP, FitNet hints, Hinton KD.
+
+Each method is one small frozen dataclass that says what it needs from the frozen
+teacher and gives one per-example objective; `train.train_step` runs any of them the
+same way and never asks which one it runs:
+
+- `teacher_targets(logits, features)`: what the method takes from the teacher's outputs
+  (FSP matrices, a hint feature map, logits). Computed in inference mode, no gradient.
+- `init(rng, teacher_features, student_features)`: the method's own learned parameters
+  (a FitNet regressor, FSP channel adapters), `{}` when it has none. They are trained
+  with the student by the same optimizer and saved apart from the student's weights,
+  so the next stage restores the student alone.
+- `objective(params, targets, logits, features, step)`: the loss of each example `(B,)`
+  from the student's outputs (train mode); the trainer averages it over the batch and
+  adds the main-task cross-entropy where the stage uses labels.
+
+`logits` are `(B, K)`; `features` are the models' `(stem, section_1, ..., section_K)`,
+each channels-last `(B, H, W, C)` (ShapeDtypeStructs are enough for `init`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from fsp_jax import fsp
+
+Params = Dict[str, Any]
+# Linear maps of post-ReLU features: unit gain, so adapted maps keep the input's scale.
+_linear_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+# The FitNet regressor ends in a ReLU (it must match the teacher's post-ReLU hint).
+_relu_init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _check_index(k: int, num: int, what: str) -> None:
+  if not 0 <= k < num:
+    raise ValueError(f"{what} {k} is out of range: the network returns {num} feature "
+                     f"maps (indices 0..{num - 1}: stem, then one per section).")
+
+
+@dataclasses.dataclass(frozen=True)
+class FSP:
+  """The paper's stage-1 objective (Eq. 2): match the teacher's FSP matrices.
+
+  Attributes:
+    fsp_pairs: `(i, j)` feature indices; () = one pair per section.
+    weights: lambda_i per pair; None = all 1.0 (the paper).
+    pool: "max" (paper) or "avg" for pairs of different spatial size.
+    adapter: beyond the paper, for teachers and students of different widths: a learned
+      bias-free 1x1 convolution maps each student feature map used by a pair to the
+      teacher's channel count before its FSP matrix is taken (so the student's matrix
+      becomes A_i^T G^S A_j). Off by default: the paper's setting stays exact.
+  """
+  fsp_pairs: Tuple[Tuple[int, int], ...] = ()
+  weights: Optional[Tuple[float, ...]] = None
+  pool: str = "max"
+  adapter: bool = False
+  name = "fsp"
+  uses = "features"
+
+  def pairs(self, num_features: int) -> Tuple[Tuple[int, int], ...]:
+    return tuple(tuple(p) for p in self.fsp_pairs) or fsp.default_fsp_pairs(num_features)
+
+  def _indices(self, num_features: int) -> Tuple[int, ...]:
+    return tuple(sorted({k for pair in self.pairs(num_features) for k in pair}))
+
+  def init(self, rng, teacher_features: Sequence[Any],
+           student_features: Sequence[Any]) -> Params:
+    """`{}`; with `adapter`, `{'adapter{k}': {'kernel': (C_student_k, C_teacher_k)}}`
+    for each feature index k that a pair uses."""
+    if not self.adapter:
+      return {}
+    params = {}
+    for k in self._indices(len(student_features)):
+      _check_index(k, min(len(teacher_features), len(student_features)), "FSP feature")
+      c_s, c_t = student_features[k].shape[-1], teacher_features[k].shape[-1]
+      params[f"adapter{k}"] = {"kernel": _linear_init(jax.random.fold_in(rng, k),
+                                                      (c_s, c_t), jnp.float32)}
+    return params
+
+  def teacher_targets(self, logits, features) -> Tuple[jax.Array, ...]:
+    """The teacher's FSP matrices, one `(B, m, n)` per pair."""
+    del logits
+    return fsp.fsp_matrices(features, self.pairs(len(features)), self.pool)
+
+  def adapt(self, params: Params, features: Sequence[jax.Array]) -> Tuple[jax.Array, ...]:
+    """The student's feature maps in the teacher's channels (as they are without
+    `adapter`)."""
+    if not self.adapter:
+      return tuple(features)
+    out = list(features)
+    for k in self._indices(len(features)):
+      kernel = params[f"adapter{k}"]["kernel"]
+      out[k] = jnp.einsum("bhwc,cd->bhwd", features[k].astype(jnp.float32), kernel,
+                          precision=jax.lax.Precision.HIGHEST)
+    return tuple(out)
+
+  def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
+    """`(B,)`: sum_i lambda_i ||G_i^T - G_i^S||_F^2 of each example."""
+    del logits, step
+    student = fsp.fsp_matrices(self.adapt(params, features), self.pairs(len(features)),
+                               self.pool)
+    return fsp.fsp_distances(targets, student, self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hint:
+  """FitNet stage 1 (Romero et al. 2015): regress a student layer onto a teacher layer.
+
+  L = 1/2 || u_h - ReLU(r(v_g)) ||^2 per example, summed over `(H, W, C)`: `u_h` the
+  teacher's hint feature map, `v_g` the student's guided one, `r` a learned convolution
+  (the regressor) to the hint's channel count; ReLU because the hint is post-ReLU (the
+  FitNet paper requires the same non-linearity on both sides). Where the two maps differ
+  in spatial size, the larger is pooled down (`pool`), as for FSP.
+
+  Attributes:
+    hint_feature: index into the teacher's features (2 = the end of section 2, the
+      middle of a 3-section CIFAR ResNet).
+    guided_feature: index into the student's features.
+    regressor_kernel: the regressor's kernel size (1 = a 1x1 convolution).
+    pool: "max" or "avg".
+  """
+  hint_feature: int = 2
+  guided_feature: int = 2
+  regressor_kernel: int = 1
+  pool: str = "max"
+  name = "hint"
+  uses = "features"
+
+  def init(self, rng, teacher_features, student_features) -> Params:
+    """`{'regressor': {'kernel': (k, k, C_guided, C_hint), 'bias': (C_hint,)}}`."""
+    _check_index(self.hint_feature, len(teacher_features), "FitNet hint_feature")
+    _check_index(self.guided_feature, len(student_features), "FitNet guided_feature")
+    c_s = student_features[self.guided_feature].shape[-1]
+    c_t = teacher_features[self.hint_feature].shape[-1]
+    k = self.regressor_kernel
+    return {"regressor": {"kernel": _relu_init(rng, (k, k, c_s, c_t), jnp.float32),
+                          "bias": jnp.zeros((c_t,), jnp.float32)}}
+
+  def teacher_targets(self, logits, features) -> jax.Array:
+    """The teacher's hint feature map `(B, H, W, C_hint)`."""
+    del logits
+    return features[self.hint_feature]
+
+  def regress(self, params: Params, guided: jax.Array) -> jax.Array:
+    """ReLU(r(v_g)): `(B, H, W, C_guided)` -> `(B, H, W, C_hint)`, float32."""
+    reg = params["regressor"]
+    y = jax.lax.conv_general_dilated(
+        guided.astype(jnp.float32), reg["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+    return jax.nn.relu(y + reg["bias"])
+
+  def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
+    """`(B,)`: 1/2 ||hint - ReLU(r(guided))||^2 of each example."""
+    del logits, step
+    regressed = self.regress(params, features[self.guided_feature])
+    hint, regressed = fsp.match_spatial(targets.astype(jnp.float32), regressed, self.pool)
+    if hint.shape != regressed.shape:
+      raise ValueError(f"FitNet hint {hint.shape} and regressed guided layer "
+                       f"{regressed.shape} differ in shape; pick other feature indices.")
+    return 0.5 * jnp.sum(jnp.square(jax.lax.stop_gradient(hint) - regressed),
+                         axis=(1, 2, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class KD:
+  """Hinton et al. (2015) knowledge distillation: softened teacher logits.
+
+  weight(step) * [T^2] * KL(softmax(z_t / T) || softmax(z_s / T)) per example, a term
+  added to the main-task cross-entropy (the trainer adds the latter). KL has the
+  gradients of the FitNet paper's cross-entropy H(P_t^T, P_s^T) and is 0 at a match.
+
+  Attributes:
+    temperature: T (the paper's FitNet stage 2: 3).
+    weight: the term's weight at step 0.
+    final_weight: where given, the weight moves linearly from `weight` at step 0 to
+      this at step `num_steps - 1` (the paper's FitNet stage 2: 4 -> 1).
+    num_steps: the stage's length, for the linear schedule.
+    scale_by_t_squared: multiply by T^2 as Hinton et al. do to keep gradient scale;
+      off by default (the FitNet formula).
+  """
+  temperature: float = 3.0
+  weight: float = 1.0
+  final_weight: Optional[float] = None
+  num_steps: int = 1
+  scale_by_t_squared: bool = False
+  name = "kd"
+  uses = "logits"
+
+  def init(self, rng, teacher_features, student_features) -> Params:
+    del rng, teacher_features, student_features
+    return {}
+
+  def teacher_targets(self, logits, features) -> jax.Array:
+    """The teacher's logits `(B, K)`."""
+    del features
+    return logits
+
+  def weight_at(self, step) -> jax.Array:
+    if self.final_weight is None:
+      return jnp.asarray(self.weight, jnp.float32)
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(self.num_steps - 1, 1), 1.0)
+    return self.weight + (self.final_weight - self.weight) * frac
+
+  def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
+    """`(B,)`: the weighted KL divergence of each example."""
+    del params, features
+    if targets.shape != logits.shape:
+      raise ValueError(f"KD needs teacher and student logits of one shape; got teacher "
+                       f"{targets.shape} and student {logits.shape}: the two must "
+                       "classify the same classes.")
+    t = self.temperature
+    log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(targets).astype(jnp.float32) / t)
+    log_p_s = jax.nn.log_softmax(logits.astype(jnp.float32) / t)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    scale = t * t if self.scale_by_t_squared else 1.0
+    return self.weight_at(step) * scale * kl
+
+
+DISTILLERS = {"fsp": FSP, "hint": Hint, "kd": KD}
