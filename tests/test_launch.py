@@ -1,4 +1,5 @@
 """The multi-host launcher: argument handling and the commands it generates."""
+import os
 import shlex
 
 import pytest
@@ -113,3 +114,19 @@ def test_missing_required_flag_is_a_usage_error(capsys):
     launch.main(["tpu", "--config", "c.py", "--workdir", "/s/x"])
   assert e.value.code == 2
   assert "--tpu" in capsys.readouterr().err
+
+
+def test_launch_shell_wrappers_dry_run():
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
+             os.environ.get("PATH", ""))
+  out = subprocess.run(["bash", os.path.join(repo, "launch", "slurm.sh"), "2", "8",
+                        "configs/cifar10_minimization.py", "/shared/runs/x", "--dry_run"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "#SBATCH --nodes=2" in out.stdout and "--distributed" in out.stdout
+  bad = subprocess.run(["bash", os.path.join(repo, "launch", "tpu_pod.sh")], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "usage" in bad.stderr
