@@ -270,11 +270,13 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int,
 
 def train_batch(dataset: Dataset, batch_size: int, seed: int, step: int,
                 augment: bool = True, pad: int = 4, flip: bool = False,
-                process_index: int = 0, process_count: int = 1):
+                process_index: int = 0, process_count: int = 1, extras=None):
   """This process's part of the global training batch at `step`.
 
   Returns `{'image': uint8 (B/P, H, W, C), 'label': int32 (B/P,)}` where P is the number
-  of processes: each process reads and augments only its own slice.
+  of processes: each process reads and augments only its own slice. `extras`
+  (`{name: array or tuple of arrays}`, each `(N, ...)` per training example, e.g. the
+  teacher's cached FSP matrices) are gathered for the same examples under `name`.
   """
   idx = train_batch_indices(len(dataset.train_labels), batch_size, seed, step)
   rng = np.random.default_rng([seed, step, 1])
@@ -284,7 +286,10 @@ def train_batch(dataset: Dataset, batch_size: int, seed: int, step: int,
   images = dataset.train_images[idx]
   if augment:
     images = augment_batch(images, rng, pad=pad, flip=flip)
-  return {"image": images[sl], "label": dataset.train_labels[idx][sl]}
+  batch = {"image": images[sl], "label": dataset.train_labels[idx][sl]}
+  for name, arrays in (extras or {}).items():
+    batch[name] = jax.tree.map(lambda a: a[idx[sl]], arrays)
+  return batch
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -336,8 +341,11 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
 
 def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step: int,
                   num_steps: int, augment: bool = True, pad: int = 4,
-                  flip: bool = False, prefetch_size: int = 2) -> Iterator:
-  """Yields `(step, global_batch)` for steps `start_step .. num_steps-1`."""
+                  flip: bool = False, prefetch_size: int = 2, extras=None) -> Iterator:
+  """Yields `(step, global_batch)` for steps `start_step .. num_steps-1`.
+
+  `extras`: per-example host arrays gathered into each batch (see `train_batch`).
+  """
   pcount, pindex = jax.process_count(), jax.process_index()
   if batch_size % (pcount * max(1, mesh.devices.size // pcount)):
     raise ValueError(f"batch_size {batch_size} must be divisible by the number of "
@@ -346,8 +354,8 @@ def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step
   def host_batches():
     for step in range(start_step, num_steps):
       yield step, train_batch(dataset, batch_size, seed, step, augment=augment, pad=pad,
-                              flip=flip,
-                              process_index=pindex, process_count=pcount)
+                              flip=flip, process_index=pindex, process_count=pcount,
+                              extras=extras)
 
   for step, batch in prefetch(host_batches(), prefetch_size):
     yield step, to_global(batch, mesh)

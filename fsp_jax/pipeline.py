@@ -263,12 +263,10 @@ class Pipeline:
 
   def make_train_step(self, stage: Stage):
     if stage.kind == "classify":
-      step = jax.jit(train.classify_step, donate_argnums=0)
+      step = train.jit_classify_step()
       return lambda state, batch: step(state, batch, self.mean, self.std)
     pairs, weights, pool = fsp_settings(self.config, len(self.models["student"].widths) + 1)
-    step = jax.jit(functools.partial(
-        train.fsp_step, teacher_apply=self.models["teacher"].apply, fsp_pairs=pairs,
-        fsp_weights=weights, pool=pool), donate_argnums=0)
+    step = train.jit_fsp_step(self.models["teacher"].apply, pairs, weights, pool)
     teacher = self.teacher_variables()
     return lambda state, batch: step(state, teacher, batch, self.mean, self.std)
 

@@ -11,6 +11,7 @@ over the global batch (no `axis_name`, no pmap).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import flax.linen as nn
@@ -108,13 +109,18 @@ def fsp_step(state: TrainState, teacher_variables, batch, mean, std, *, teacher_
              fsp_pairs, fsp_weights, pool, teacher_matrices=None):
   """Stage 1: one SGD step of the student on the FSP loss (Eq. 2) only.
 
-  The teacher is frozen: its variables are inputs, never differentiated. Where
-  `teacher_matrices` are given (cached), the teacher forward pass is skipped.
+  The teacher is frozen: its variables are inputs, never differentiated. Where the
+  teacher's matrices are given, either as `teacher_matrices` or cached per example in
+  the batch (`batch['teacher_fsp']`, one `(B, m, n)` array per pair), the teacher
+  forward pass is skipped and `teacher_variables` may be None.
   """
   images = normalize(batch["image"], mean, std)
   if teacher_matrices is None:
+    teacher_matrices = batch.get("teacher_fsp")
+  if teacher_matrices is None:
     teacher_matrices = teacher_fsp_matrices(teacher_apply, teacher_variables, images,
                                             fsp_pairs, pool)
+  teacher_matrices = jax.lax.stop_gradient(tuple(teacher_matrices))
 
   def loss_fn(params):
     (_, features), updates = state.apply_fn(
@@ -127,6 +133,30 @@ def fsp_step(state: TrainState, teacher_variables, batch, mean, std, *, teacher_
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return state, {"loss": loss}
+
+
+# The jitted steps, built once here so that the pipeline and the benchmark
+# (`fsp_jax.bench`) run the very same compiled functions. The state is donated: XLA
+# updates parameters and optimizer state in place instead of copying them every step.
+def jit_classify_step():
+  """`classify_step` as `(state, batch, mean, std) -> (state, metrics)`, jitted."""
+  return jax.jit(classify_step, donate_argnums=0)
+
+
+def jit_fsp_step(teacher_apply, fsp_pairs, fsp_weights, pool):
+  """`fsp_step` as `(state, teacher_variables, batch, mean, std) -> (state, metrics)`."""
+  return jax.jit(functools.partial(fsp_step, teacher_apply=teacher_apply,
+                                   fsp_pairs=fsp_pairs, fsp_weights=fsp_weights,
+                                   pool=pool), donate_argnums=0)
+
+
+def jit_teacher_fsp(teacher_apply, fsp_pairs, pool):
+  """`(teacher_variables, images uint8, mean, std) -> matrices`, the teacher's share of
+  an FSP step: forward pass in inference mode plus its FSP matrices (`(B, m, n)` each)."""
+  def fn(teacher_variables, images, mean, std):
+    return teacher_fsp_matrices(teacher_apply, teacher_variables,
+                                normalize(images, mean, std), fsp_pairs, pool)
+  return jax.jit(fn)
 
 
 def eval_classify_step(apply_fn, variables, batch, mean, std):
