@@ -381,3 +381,29 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, mesh, batch_size: int):
     img[:hi - lo], lab[:hi - lo], mask[:hi - lo] = images[lo:hi], labels[lo:hi], 1.0
     sl = slice(pindex * local, (pindex + 1) * local)
     yield to_global({"image": img[sl], "label": lab[sl], "mask": mask[sl]}, mesh)
+
+
+def map_examples(fn, images: np.ndarray, mesh, batch_size: int):
+  """`fn` over every image in order, results gathered on the host.
+
+  Args:
+    fn: `images uint8 (B, H, W, C) -> pytree of (B, ...)` arrays, per example (e.g. a
+      frozen network in inference mode); called on global batches sharded over `mesh`.
+    images: uint8 `(N, H, W, C)`, the same on every process.
+
+  Returns:
+    the pytree of float32 host arrays `(N, ...)`.
+  """
+  n, out, lo = len(images), None, 0
+  for batch in eval_batches(images, np.zeros((n,), np.int32), mesh, batch_size):
+    result = fn(batch["image"])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      result = multihost_utils.process_allgather(result, tiled=True)
+    result = jax.device_get(result)
+    if out is None:
+      out = jax.tree.map(lambda r: np.empty((n,) + r.shape[1:], np.float32), result)
+    hi = min(lo + batch_size, n)
+    jax.tree.map(lambda o, r: o.__setitem__(slice(lo, hi), r[:hi - lo]), out, result)
+    lo = hi
+  return out

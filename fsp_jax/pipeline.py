@@ -70,6 +70,12 @@ def plan_stages(config) -> List[Stage]:
                         scaled_schedule(config.teacher.schedule, scale)))
   if config.teacher_only:
     return stages
+  if config.fsp.get("cache_teacher", False) and config.fsp.schedule.augment:
+    raise ValueError(
+        "config.fsp.cache_teacher=True needs un-augmented stage-1 inputs (the teacher's "
+        "FSP matrices are cached per training example), but fsp.schedule.augment is "
+        "True. Set --config.fsp.schedule.augment=False (the paper's CIFAR-100 setting) "
+        "or --config.fsp.cache_teacher=False.")
   stage_one = "fsp"
   if config.fsp.checkpoint:
     stage_one = os.path.abspath(config.fsp.checkpoint)
@@ -261,6 +267,37 @@ class Pipeline:
         train.eval_fsp_step, model.apply, teacher_apply=self.models["teacher"].apply,
         fsp_pairs=pairs, fsp_weights=weights, pool=pool))
 
+  def teacher_fsp_cache(self, stage: Stage):
+    """`{'teacher_fsp': matrices}`: the frozen teacher's FSP matrices of every training
+    example (host float32, one `(N, m, n)` array per pair), gathered into each batch by
+    the input pipeline; None unless `config.fsp.cache_teacher` and `stage` is stage 1.
+
+    The teacher is in inference mode, so an example's matrices depend on the example
+    only, never on the rest of its batch: with un-augmented inputs they are the same
+    every epoch and computing them once gives the loss that recomputing them gives.
+    """
+    if stage.kind != "fsp" or not self.config.fsp.get("cache_teacher", False):
+      return None
+    ds, bs = self.dataset, self.config.eval_batch_size
+    pairs, _, pool = fsp_settings(self.config, len(self.models["student"].widths) + 1)
+    fn = train.jit_teacher_fsp(self.models["teacher"].apply, pairs, pool)
+    teacher = self.teacher_variables()
+    shapes = jax.eval_shape(fn, teacher, jax.ShapeDtypeStruct(
+        (bs,) + tuple(ds.image_shape), jnp.uint8), self.mean, self.std)
+    nbytes = len(ds.train_labels) * sum(int(np.prod(s.shape[1:])) for s in shapes) * 4
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > 0.8 * available:
+      raise ValueError(
+          f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host memory "
+          f"for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB are "
+          "free. Set --config.fsp.cache_teacher=False (the teacher is then recomputed "
+          "every step).")
+    log.info("[%s] caching the teacher's FSP matrices of the %d training examples "
+             "(%.2f GiB on the host).", stage.name, len(ds.train_labels), nbytes / 2**30)
+    cache = data.map_examples(lambda images: fn(teacher, images, self.mean, self.std),
+                              ds.train_images, self.mesh, bs)
+    return {"teacher_fsp": cache}
+
   def make_train_step(self, stage: Stage):
     if stage.kind == "classify":
       step = train.jit_classify_step()
@@ -333,7 +370,8 @@ class Pipeline:
     try:
       batches = data.train_batches(self.dataset, self.mesh, sched.batch_size, cfg.seed,
                                    start, total, augment=sched.augment,
-                                   pad=cfg.data.pad, flip=cfg.data.flip)
+                                   pad=cfg.data.pad, flip=cfg.data.flip,
+                                   extras=self.teacher_fsp_cache(stage))
       step_metrics = None
       for step, batch in batches:
         state, step_metrics = step_fn(state, batch)
