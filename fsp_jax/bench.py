@@ -19,9 +19,10 @@ same functions, same jit options, state donated, batch sharded over all devices)
 timed after compilation with each step's results blocked on. Peak memory per step is
 XLA's buffer assignment for the compiled step (arguments + outputs + temporaries).
 
-`--compare` times the same steps in this process and the PyTorch peer in a
-subprocess, alternating, `--repeats` times, and prints the per-step ratio
-jax/torch (images per second) against the best PyTorch setting of each round.
+`--compare` times the same steps in this process and the PyTorch peer's steps in
+worker processes (`benchmarks/torch_worker.py`, one per PyTorch setting), taking turns
+every `--steps` steps for `--repeats` rounds, and prints the per-step ratio jax/torch
+(images per second) against the best PyTorch setting of each round.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REFERENCE = os.path.join(REPO, "benchmarks", "torch_reference.py")
+TORCH_WORKER = os.path.join(REPO, "benchmarks", "torch_worker.py")
 STEPS = ("main", "fsp", "teacher")
 # PyTorch settings tried in --compare: name -> (extra flags, extra environment).
 # OMP_WAIT_POLICY=PASSIVE stops idle OpenMP threads spinning, which helps PyTorch a
@@ -209,14 +211,29 @@ def run_input_pipeline(args, num_batches: int = 200) -> Dict:
 
 
 # ---- comparison with PyTorch -----------------------------------------------------
-def run_torch(args, setting: str) -> Dict:
-  flags, env = TORCH_SETTINGS[setting]
-  cmd = [sys.executable, args.torch_reference, "--teacher_depth", str(args.teacher_depth),
-         "--student_depth", str(args.student_depth), "--batch_size", str(args.batch_size),
-         "--steps", str(args.steps), "--warmup", str(args.warmup)] + flags
-  res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env},
-                       check=True)
-  return json.loads(res.stdout.strip().splitlines()[-1])
+class TorchWorker:
+  """The PyTorch peer's steps in a subprocess (benchmarks/torch_worker.py)."""
+
+  def __init__(self, args, setting: str):
+    flags, env = TORCH_SETTINGS[setting]
+    cmd = [sys.executable, TORCH_WORKER, "--teacher_depth", str(args.teacher_depth),
+           "--student_depth", str(args.student_depth), "--batch_size",
+           str(args.batch_size), "--reference", args.torch_reference] + flags
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, **env})
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"the PyTorch worker failed to start: {' '.join(cmd)}")
+    self.info = json.loads(line)
+
+  def run(self, step: str, n: int) -> List[float]:
+    self.proc.stdin.write(json.dumps({"step": step, "n": n}) + "\n")
+    self.proc.stdin.flush()
+    return json.loads(self.proc.stdout.readline())["times"]
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
 def _spread(xs: List[float]) -> Dict[str, float]:
@@ -225,7 +242,10 @@ def _spread(xs: List[float]) -> Dict[str, float]:
 
 
 def compare(args) -> Dict:
-  """Alternates JAX (this process) and PyTorch (subprocesses), `args.repeats` rounds."""
+  """JAX (this process) and each PyTorch setting (one worker process each) take turns,
+  `args.steps` timed steps per turn, each turn after one untimed step; `args.repeats`
+  rounds, the order rotating every round. Idle sides sleep on a pipe, so each turn
+  runs alone on the machine, and turns seconds apart see about the same load."""
   settings = [s for s in args.torch_settings.split(",") if s]
   unknown = set(settings) - set(TORCH_SETTINGS)
   if unknown:
@@ -234,43 +254,48 @@ def compare(args) -> Dict:
   if not os.path.exists(args.torch_reference):
     raise SystemExit(f"PyTorch peer {args.torch_reference} not found; pass "
                      "--torch_reference PATH.")
-  args.only = ",".join(STEPS)
+  import jax
   steps = Steps(args)
-  for name in STEPS:  # Compile before the first round.
-    steps.time(name, 1, 1)
+  workers = {s: TorchWorker(args, s) for s in settings}
+  runners = {"jax": lambda name, n: [steps.run_once(name) for _ in range(n)]}
+  runners.update({s: w.run for s, w in workers.items()})
+  for name in STEPS:  # Compilation and warm-up, untimed.
+    for run in runners.values():
+      run(name, args.warmup)
+  sides = list(runners)
   rounds = []
-  for r in range(args.repeats):
-    jax_first = r % 2 == 0
-    load = os.getloadavg()[0]
-    runs = {}
-    order = (["jax"] + settings) if jax_first else (settings + ["jax"])
-    for who in order:
-      runs[who] = run_jax(args, steps) if who == "jax" else run_torch(args, who)
-    rnd = {"round": r, "load_avg_1min": round(load, 2), "jax": {}, "torch": {}}
-    for name in STEPS:
-      key = f"{name}_images_per_s"
-      best = max(settings, key=lambda s: runs[s][key])
-      rnd["jax"][name] = runs["jax"][key]
-      rnd["torch"][name] = {s: runs[s][key] for s in settings}
-      rnd.setdefault("ratio_vs_best_torch", {})[name] = round(
-          runs["jax"][key] / runs[best][key], 3)
-      rnd.setdefault("best_torch_setting", {})[name] = best
-    rounds.append(rnd)
-    print(json.dumps(rnd), file=sys.stderr, flush=True)
-  summary = {"batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
-             "student_depth": args.student_depth, "repeats": args.repeats,
-             "steps_per_measurement": args.steps, "torch_settings": settings,
+  try:
+    for r in range(args.repeats):
+      rnd = {"round": r, "load_avg_1min": round(os.getloadavg()[0], 2),
+             "images_per_s": {}, "ratio_vs_best_torch": {}, "best_torch_setting": {}}
+      for name in STEPS:
+        ips = {}
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+          runners[side](name, 1)
+          ips[side] = args.batch_size / statistics.median(runners[side](name, args.steps))
+        best = max(settings, key=ips.get)
+        rnd["images_per_s"][name] = {k: round(v, 1) for k, v in ips.items()}
+        rnd["ratio_vs_best_torch"][name] = round(ips["jax"] / ips[best], 3)
+        rnd["best_torch_setting"][name] = best
+      rounds.append(rnd)
+      print(json.dumps(rnd), file=sys.stderr, flush=True)
+  finally:
+    for w in workers.values():
+      w.close()
+  summary = {"framework": f"jax {jax.__version__} vs {workers[settings[0]].info['framework']}",
+             "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
+             "student_depth": args.student_depth, "rounds": args.repeats,
+             "steps_per_turn": args.steps, "torch_settings": settings,
              "ratio_jax_over_best_torch": {}, "ratio_jax_over_torch_setting": {},
-             "jax_images_per_s": {}, "torch_images_per_s": {}}
+             "images_per_s": {}}
   for name in STEPS:
     summary["ratio_jax_over_best_torch"][name] = _spread(
         [r["ratio_vs_best_torch"][name] for r in rounds])
-    summary["jax_images_per_s"][name] = _spread([r["jax"][name] for r in rounds])
-    summary["torch_images_per_s"][name] = {
-        s: _spread([r["torch"][name][s] for r in rounds]) for s in settings}
+    summary["images_per_s"][name] = {
+        side: _spread([r["images_per_s"][name][side] for r in rounds]) for side in sides}
     summary["ratio_jax_over_torch_setting"][name] = {
-        s: _spread([r["jax"][name] / r["torch"][name][s] for r in rounds])
-        for s in settings}
+        s: _spread([r["images_per_s"][name]["jax"] / r["images_per_s"][name][s]
+                    for r in rounds]) for s in settings}
   summary["load_avg_1min"] = _spread([r["load_avg_1min"] for r in rounds])
   return summary
 
