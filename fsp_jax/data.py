@@ -426,11 +426,13 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int,
 
 def train_batch(dataset: Dataset, batch_size: int, seed: int, step: int,
                 augment: bool = True, pad: int = 4, flip: bool = False,
-                process_index: int = 0, process_count: int = 1):
+                process_index: int = 0, process_count: int = 1, extras=None):
   """This process's part of the global training batch at `step`.
 
   Returns `{'image': uint8 (B/P, H, W, C), 'label': int32 (B/P,)}` where P is the number
-  of processes: each process reads and augments only its own slice.
+  of processes: each process reads and augments only its own slice. `extras`
+  (`{name: array or tuple of arrays}`, each `(N, ...)` per training example, e.g. the
+  teacher's cached FSP matrices) are gathered for the same examples under `name`.
   """
   idx = train_batch_indices(len(dataset.train_labels), batch_size, seed, step)
   rng = np.random.default_rng([seed, step, 1])
@@ -446,7 +448,10 @@ def train_batch(dataset: Dataset, batch_size: int, seed: int, step: int,
     images = center_crop(images, dataset.crop_size)
   elif augment:
     images = augment_batch(images, rng, pad=pad, flip=flip)
-  return {"image": images[sl], "label": dataset.train_labels[idx][sl]}
+  batch = {"image": images[sl], "label": dataset.train_labels[idx][sl]}
+  for name, arrays in (extras or {}).items():
+    batch[name] = jax.tree.map(lambda a: a[idx[sl]], arrays)
+  return batch
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -498,8 +503,11 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
 
 def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step: int,
                   num_steps: int, augment: bool = True, pad: int = 4,
-                  flip: bool = False, prefetch_size: int = 2) -> Iterator:
-  """Yields `(step, global_batch)` for steps `start_step .. num_steps-1`."""
+                  flip: bool = False, prefetch_size: int = 2, extras=None) -> Iterator:
+  """Yields `(step, global_batch)` for steps `start_step .. num_steps-1`.
+
+  `extras`: per-example host arrays gathered into each batch (see `train_batch`).
+  """
   pcount, pindex = jax.process_count(), jax.process_index()
   if batch_size % (pcount * max(1, mesh.devices.size // pcount)):
     raise ValueError(f"batch_size {batch_size} must be divisible by the number of "
@@ -508,8 +516,8 @@ def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step
   def host_batches():
     for step in range(start_step, num_steps):
       yield step, train_batch(dataset, batch_size, seed, step, augment=augment, pad=pad,
-                              flip=flip,
-                              process_index=pindex, process_count=pcount)
+                              flip=flip, process_index=pindex, process_count=pcount,
+                              extras=extras)
 
   for step, batch in prefetch(host_batches(), prefetch_size):
     yield step, to_global(batch, mesh)
@@ -535,3 +543,29 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, mesh, batch_size: int):
     img[:hi - lo], lab[:hi - lo], mask[:hi - lo] = images[lo:hi], labels[lo:hi], 1.0
     sl = slice(pindex * local, (pindex + 1) * local)
     yield to_global({"image": img[sl], "label": lab[sl], "mask": mask[sl]}, mesh)
+
+
+def map_examples(fn, images: np.ndarray, mesh, batch_size: int):
+  """`fn` over every image in order, results gathered on the host.
+
+  Args:
+    fn: `images uint8 (B, H, W, C) -> pytree of (B, ...)` arrays, per example (e.g. a
+      frozen network in inference mode); called on global batches sharded over `mesh`.
+    images: uint8 `(N, H, W, C)`, the same on every process.
+
+  Returns:
+    the pytree of float32 host arrays `(N, ...)`.
+  """
+  n, out, lo = len(images), None, 0
+  for batch in eval_batches(images, np.zeros((n,), np.int32), mesh, batch_size):
+    result = fn(batch["image"])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      result = multihost_utils.process_allgather(result, tiled=True)
+    result = jax.device_get(result)
+    if out is None:
+      out = jax.tree.map(lambda r: np.empty((n,) + r.shape[1:], np.float32), result)
+    hi = min(lo + batch_size, n)
+    jax.tree.map(lambda o, r: o.__setitem__(slice(lo, hi), r[:hi - lo]), out, result)
+    lo = hi
+  return out

@@ -214,6 +214,30 @@ def fsp_step(state: TrainState, teacher_variables, batch, mean, std, *, teacher_
                     targets=teacher_matrices)
 
 
+# The jitted steps, built once here so that the pipeline and the benchmark
+# (`fsp_jax.bench`) run the very same compiled functions. The state is donated: XLA
+# updates parameters and optimizer state in place instead of copying them every step.
+def jit_classify_step():
+  """`classify_step` as `(state, batch, mean, std) -> (state, metrics)`, jitted."""
+  return jax.jit(classify_step, donate_argnums=0)
+
+
+def jit_fsp_step(teacher_apply, fsp_pairs, fsp_weights, pool):
+  """`fsp_step` as `(state, teacher_variables, batch, mean, std) -> (state, metrics)`."""
+  return jax.jit(functools.partial(fsp_step, teacher_apply=teacher_apply,
+                                   fsp_pairs=fsp_pairs, fsp_weights=fsp_weights,
+                                   pool=pool), donate_argnums=0)
+
+
+def jit_teacher_fsp(teacher_apply, fsp_pairs, pool):
+  """`(teacher_variables, images uint8, mean, std) -> matrices`, the teacher's share of
+  an FSP step: forward pass in inference mode plus its FSP matrices (`(B, m, n)` each)."""
+  def fn(teacher_variables, images, mean, std):
+    return teacher_fsp_matrices(teacher_apply, teacher_variables,
+                                normalize(images, mean, std), fsp_pairs, pool)
+  return jax.jit(fn)
+
+
 def eval_classify_step(apply_fn, variables, batch, mean, std):
   """Sums over the real (mask 1) examples: correct predictions, loss, count."""
   images = normalize(batch["image"], mean, std)

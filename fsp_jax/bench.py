@@ -1,0 +1,315 @@
+"""Speed of the real training steps, and a side-by-side comparison with PyTorch.
+
+    python -m fsp_jax.bench --teacher_depth 26 --student_depth 8 --batch_size 128
+    python -m fsp_jax.bench --input_pipeline
+    python -m fsp_jax.bench --compare --repeats 5
+
+The default prints one JSON object with the keys of the PyTorch peer
+(`benchmarks/torch_reference.py`): images per second of each step (median over
+`--steps` timed steps after `--warmup`), `fsp_over_main`, plus what the peer lacks:
+
+  main             student classify step (cross-entropy), what stage 2 runs
+  fsp              stage-1 step: teacher forward + student FSP loss + update
+  teacher          teacher classify step (training the teacher)
+  teacher_forward  the teacher's share of an FSP step alone (forward + FSP matrices)
+  fsp_cached       stage-1 step with the teacher's FSP matrices cached per example
+
+The steps are the pipeline's own (`train.jit_classify_step`, `train.jit_fsp_step`:
+same functions, same jit options, state donated, batch sharded over all devices),
+timed after compilation with each step's results blocked on. Peak memory per step is
+XLA's buffer assignment for the compiled step (arguments + outputs + temporaries).
+
+`--compare` times the same steps in this process and the PyTorch peer's steps in
+worker processes (`benchmarks/torch_worker.py`, one per PyTorch setting), taking turns
+every `--steps` steps for `--repeats` rounds, and prints the per-step ratio jax/torch
+(images per second) against the best PyTorch setting of each round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_REFERENCE = os.path.join(REPO, "benchmarks", "torch_reference.py")
+TORCH_WORKER = os.path.join(REPO, "benchmarks", "torch_worker.py")
+STEPS = ("main", "fsp", "teacher")
+# PyTorch settings tried in --compare: name -> (extra flags, extra environment).
+# OMP_WAIT_POLICY=PASSIVE stops idle OpenMP threads spinning, which helps PyTorch a
+# lot on a loaded machine; it is PyTorch's to win, so it counts as one of its settings.
+TORCH_SETTINGS = {
+    "nchw": ([], {}),
+    "channels_last": (["--channels_last"], {}),
+    "channels_last_passive": (["--channels_last"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--teacher_depth", type=int, default=26)
+  p.add_argument("--student_depth", type=int, default=8)
+  p.add_argument("--batch_size", type=int, default=128)
+  p.add_argument("--width_multiplier", type=int, default=1)
+  p.add_argument("--num_classes", type=int, default=10)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--only", default=",".join(STEPS + ("teacher_forward", "fsp_cached")),
+                 help="comma-separated steps to time")
+  p.add_argument("--input_pipeline", action="store_true",
+                 help="measure the input pipeline's images/s instead of the steps")
+  p.add_argument("--compare", action="store_true",
+                 help="alternate with the PyTorch peer and print jax/torch ratios")
+  p.add_argument("--repeats", type=int, default=5, help="rounds of --compare")
+  p.add_argument("--torch_reference", default=TORCH_REFERENCE)
+  p.add_argument("--torch_settings", default=",".join(TORCH_SETTINGS))
+  return p.parse_args(argv)
+
+
+# ---- the JAX steps ---------------------------------------------------------------
+class Steps:
+  """The compiled pipeline steps on one synthetic batch, ready to be timed."""
+
+  def __init__(self, args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fsp_jax import data, fsp, models, train
+    self.jax = jax
+    self.batch_size = args.batch_size
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(0)
+    host = {"image": rng.integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)}
+    self.batch = data.to_global(host, mesh)
+    self.mean = jax.device_put(jnp.full((3,), 120.0, jnp.float32), replicated)
+    self.std = jax.device_put(jnp.full((3,), 64.0, jnp.float32), replicated)
+    teacher = models.create_model(f"cifar_resnet{args.teacher_depth}", args.num_classes,
+                                  args.width_multiplier)
+    student = models.create_model(f"cifar_resnet{args.student_depth}", args.num_classes,
+                                  args.width_multiplier)
+    tx = train.create_optimizer(train.create_learning_rate_fn((1e-3,), ()), 0.9, 1e-4)
+
+    def state(model, seed):
+      variables = train.init_variables(model, jax.random.PRNGKey(seed), (32, 32, 3))
+      return jax.device_put(train.create_train_state(model, variables, tx), replicated)
+
+    self.teacher_variables = jax.device_put(
+        train.init_variables(teacher, jax.random.PRNGKey(0), (32, 32, 3)), replicated)
+    pairs = fsp.default_fsp_pairs(len(student.widths) + 1)
+    classify = train.jit_classify_step()
+    fsp_step = train.jit_fsp_step(teacher.apply, pairs, None, "max")
+    teacher_fsp = train.jit_teacher_fsp(teacher.apply, pairs, "max")
+    matrices = teacher_fsp(self.teacher_variables, self.batch["image"], self.mean,
+                           self.std)
+    cached_batch = dict(self.batch, teacher_fsp=matrices)
+    # name -> (jitted fn, state or None, other args); each step maps state -> state.
+    self.fns = {
+        "main": (classify, state(student, 1), (self.batch, self.mean, self.std)),
+        "fsp": (fsp_step, state(student, 1),
+                (self.teacher_variables, self.batch, self.mean, self.std)),
+        "teacher": (classify, state(teacher, 0), (self.batch, self.mean, self.std)),
+        "teacher_forward": (teacher_fsp, None,
+                            (self.teacher_variables, self.batch["image"], self.mean,
+                             self.std)),
+        "fsp_cached": (fsp_step, state(student, 1),
+                       (None, cached_batch, self.mean, self.std)),
+    }
+    self.states = {k: v[1] for k, v in self.fns.items()}
+
+  def memory(self, name) -> Dict[str, float]:
+    """XLA's buffer assignment of the compiled step, in MB."""
+    fn, st, args = self.fns[name]
+    lowered = fn.lower(*args) if st is None else fn.lower(st, *args)
+    m = lowered.compile().memory_analysis()
+    if m is None:
+      return {}
+    mb = 1 / 2**20
+    return {"peak_mb": round((m.argument_size_in_bytes + m.output_size_in_bytes
+                              - m.alias_size_in_bytes + m.temp_size_in_bytes) * mb, 1),
+            "temp_mb": round(m.temp_size_in_bytes * mb, 1)}
+
+  def run_once(self, name) -> float:
+    """One step, blocked on; returns its wall time in seconds."""
+    fn, st, args = self.fns[name]
+    t0 = time.perf_counter()
+    if st is None:
+      out = fn(*args)
+    else:
+      out = fn(self.states[name], *args)
+      self.states[name] = out[0]
+    self.jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+  def time(self, name, steps, warmup) -> float:
+    """Median seconds per step over `steps` after `warmup` (compilation included)."""
+    for _ in range(warmup):
+      self.run_once(name)
+    return statistics.median(self.run_once(name) for _ in range(steps))
+
+
+def run_jax(args, steps: Steps = None) -> Dict:
+  import jax
+  steps = steps or Steps(args)
+  names = [n for n in args.only.split(",") if n]
+  times = {n: steps.time(n, args.steps, args.warmup) for n in names}
+  out = {"framework": f"jax {jax.__version__}", "backend": jax.default_backend(),
+         "devices": jax.device_count(), "threads": os.cpu_count(),
+         "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
+         "student_depth": args.student_depth}
+  for n, t in times.items():
+    out[f"{n}_images_per_s"] = round(args.batch_size / t, 1)
+  if "fsp" in times and "main" in times:
+    out["fsp_over_main"] = round(times["fsp"] / times["main"], 3)
+  if {"fsp", "main", "teacher_forward"} <= set(times):
+    # FSP matrices and loss nearly free: fsp ~ teacher forward + student step.
+    out["fsp_over_teacher_forward_plus_main"] = round(
+        times["fsp"] / (times["teacher_forward"] + times["main"]), 3)
+  out["memory"] = {n: steps.memory(n) for n in names}
+  out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  return out
+
+
+# ---- the input pipeline ----------------------------------------------------------
+def run_input_pipeline(args, num_batches: int = 200) -> Dict:
+  """Images/s of `data.train_batches` on a CIFAR-sized in-memory data set (50k)."""
+  import jax
+  import numpy as np
+
+  from fsp_jax import data
+  rng = np.random.default_rng(0)
+  n = 50000
+  ds = data.Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                    rng.integers(0, 10, n).astype(np.int32),
+                    np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8,), np.int32), 10,
+                    np.zeros(3, np.float32), np.ones(3, np.float32), "synthetic")
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  out = {"input_pipeline": "data.train_batches, synthetic 50000 x 32x32x3 uint8",
+         "batch_size": args.batch_size}
+  # CIFAR-100 4x widths: the teacher's cached FSP matrices per example.
+  cache = (np.zeros((n, 64, 64), np.float32), np.zeros((n, 64, 128), np.float32),
+           np.zeros((n, 128, 256), np.float32))
+  cases = {"augment": dict(augment=True), "no_augment": dict(augment=False),
+           "no_augment_cached_fsp_4x": dict(augment=False, extras={"teacher_fsp": cache})}
+  for name, kw in cases.items():
+    it = data.train_batches(ds, mesh, args.batch_size, 0, 0, num_batches + 5, **kw)
+    for _ in range(5):  # Fill the prefetch queue, start the thread.
+      jax.block_until_ready(next(it)[1])
+    t0 = time.perf_counter()
+    for _, batch in it:
+      jax.block_until_ready(batch)
+    out[f"{name}_images_per_s"] = round(num_batches * args.batch_size /
+                                        (time.perf_counter() - t0), 1)
+  return out
+
+
+# ---- comparison with PyTorch -----------------------------------------------------
+class TorchWorker:
+  """The PyTorch peer's steps in a subprocess (benchmarks/torch_worker.py)."""
+
+  def __init__(self, args, setting: str):
+    flags, env = TORCH_SETTINGS[setting]
+    cmd = [sys.executable, TORCH_WORKER, "--teacher_depth", str(args.teacher_depth),
+           "--student_depth", str(args.student_depth), "--batch_size",
+           str(args.batch_size), "--reference", args.torch_reference] + flags
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, **env})
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"the PyTorch worker failed to start: {' '.join(cmd)}")
+    self.info = json.loads(line)
+
+  def run(self, step: str, n: int) -> List[float]:
+    self.proc.stdin.write(json.dumps({"step": step, "n": n}) + "\n")
+    self.proc.stdin.flush()
+    return json.loads(self.proc.stdout.readline())["times"]
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def _spread(xs: List[float]) -> Dict[str, float]:
+  return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3),
+          "max": round(max(xs), 3)}
+
+
+def compare(args) -> Dict:
+  """JAX (this process) and each PyTorch setting (one worker process each) take turns,
+  `args.steps` timed steps per turn, each turn after one untimed step; `args.repeats`
+  rounds, the order rotating every round. Idle sides sleep on a pipe, so each turn
+  runs alone on the machine, and turns seconds apart see about the same load."""
+  settings = [s for s in args.torch_settings.split(",") if s]
+  unknown = set(settings) - set(TORCH_SETTINGS)
+  if unknown:
+    raise SystemExit(f"unknown --torch_settings {sorted(unknown)}; choose from "
+                     f"{sorted(TORCH_SETTINGS)}.")
+  if not os.path.exists(args.torch_reference):
+    raise SystemExit(f"PyTorch peer {args.torch_reference} not found; pass "
+                     "--torch_reference PATH.")
+  import jax
+  steps = Steps(args)
+  workers = {s: TorchWorker(args, s) for s in settings}
+  runners = {"jax": lambda name, n: [steps.run_once(name) for _ in range(n)]}
+  runners.update({s: w.run for s, w in workers.items()})
+  for name in STEPS:  # Compilation and warm-up, untimed.
+    for run in runners.values():
+      run(name, args.warmup)
+  sides = list(runners)
+  rounds = []
+  try:
+    for r in range(args.repeats):
+      rnd = {"round": r, "load_avg_1min": round(os.getloadavg()[0], 2),
+             "images_per_s": {}, "ratio_vs_best_torch": {}, "best_torch_setting": {}}
+      for name in STEPS:
+        ips = {}
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+          runners[side](name, 1)
+          ips[side] = args.batch_size / statistics.median(runners[side](name, args.steps))
+        best = max(settings, key=ips.get)
+        rnd["images_per_s"][name] = {k: round(v, 1) for k, v in ips.items()}
+        rnd["ratio_vs_best_torch"][name] = round(ips["jax"] / ips[best], 3)
+        rnd["best_torch_setting"][name] = best
+      rounds.append(rnd)
+      print(json.dumps(rnd), file=sys.stderr, flush=True)
+  finally:
+    for w in workers.values():
+      w.close()
+  summary = {"framework": f"jax {jax.__version__} vs {workers[settings[0]].info['framework']}",
+             "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
+             "student_depth": args.student_depth, "rounds": args.repeats,
+             "steps_per_turn": args.steps, "torch_settings": settings,
+             "ratio_jax_over_best_torch": {}, "ratio_jax_over_torch_setting": {},
+             "images_per_s": {}}
+  for name in STEPS:
+    summary["ratio_jax_over_best_torch"][name] = _spread(
+        [r["ratio_vs_best_torch"][name] for r in rounds])
+    summary["images_per_s"][name] = {
+        side: _spread([r["images_per_s"][name][side] for r in rounds]) for side in sides}
+    summary["ratio_jax_over_torch_setting"][name] = {
+        s: _spread([r["images_per_s"][name]["jax"] / r["images_per_s"][name][s]
+                    for r in rounds]) for s in settings}
+  summary["load_avg_1min"] = _spread([r["load_avg_1min"] for r in rounds])
+  return summary
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.input_pipeline:
+    out = run_input_pipeline(args)
+  elif args.compare:
+    out = compare(args)
+  else:
+    out = run_jax(args)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
