@@ -393,13 +393,14 @@ class Pipeline:
           "experiment wrote them is unknown; use a new --workdir, or delete that "
           "directory to start the stage over.")
     stored = _without_eval_every(info.get("fingerprint"))
-    if stored in (_without_eval_every(self.fingerprints[stage.name]),
+    expected = _without_eval_every(self.fingerprints[stage.name])
+    if stored in (expected,
                   _without_eval_every(_legacy_fingerprint(self.config, stage))):
       return
     raise ValueError(
         f"{stage_dir} holds a different experiment's stage {stage.name!r} "
-        f"({_first_difference(stored, self.fingerprints[stage.name])}); use a new "
-        "--workdir, or delete that directory to start the stage over.")
+        f"({_first_difference(stored, expected)}); use a new --workdir, or delete "
+        "that directory to start the stage over.")
 
   def init_variables(self, role: str):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), ROLE_SEED[role])
