@@ -107,6 +107,13 @@ def plan_stages(config) -> List[Stage]:
                         schedule_field="teacher.schedule"))
   if config.teacher_only:
     return stages
+  if "fsp" in config.methods and config.fsp.get("cache_teacher", False):
+    if config.fsp.schedule.augment and not config.fsp.checkpoint:
+      raise ValueError(
+          "config.fsp.cache_teacher=True needs un-augmented stage-1 inputs (the "
+          "teacher's FSP matrices are cached per training example), but "
+          "fsp.schedule.augment is True. Set --config.fsp.schedule.augment=False (the "
+          "paper's CIFAR-100 setting) or --config.fsp.cache_teacher=False.")
   if "fsp" in config.methods:
     stage_one = "fsp"
     if config.fsp.checkpoint:
@@ -472,8 +479,51 @@ class Pipeline:
         train.eval_distill_step, model.apply, teacher_apply=self.models["teacher"].apply,
         distiller=distiller))
 
+  def uses_teacher_cache(self, stage: Stage) -> bool:
+    return stage.kind == "fsp" and bool(self.config.fsp.get("cache_teacher", False))
+
+  def teacher_cache(self, stage: Stage):
+    """`{'teacher_targets': matrices}`: the frozen teacher's FSP matrices of every
+    training example (host float32, one `(N, m, n)` array per pair), gathered into each
+    batch by the input pipeline; None unless `uses_teacher_cache(stage)`.
+
+    The teacher is in inference mode, so an example's matrices depend on the example
+    only, never on the rest of its batch: with un-augmented inputs they are the same
+    every epoch, and computing them once gives the loss that recomputing gives.
+    """
+    if not self.uses_teacher_cache(stage):
+      return None
+    ds, bs = self.dataset, self.config.eval_batch_size
+    distiller = stage_distiller(self.config, stage)
+    apply, teacher = self.models["teacher"].apply, self.teacher_variables()
+    fn = jax.jit(lambda v, images: train.teacher_targets(
+        apply, v, train.normalize(images, self.mean, self.std), distiller))
+    shapes = jax.eval_shape(fn, teacher, jax.ShapeDtypeStruct(
+        (bs,) + tuple(ds.image_shape), jnp.uint8))
+    per_example = sum(int(np.prod(s.shape[1:])) for s in jax.tree.leaves(shapes)) * 4
+    nbytes = len(ds.train_labels) * per_example
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > 0.8 * available:
+      raise ValueError(
+          f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host memory "
+          f"for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB are "
+          "free. Set --config.fsp.cache_teacher=False (the teacher is then recomputed "
+          "every step).")
+    t0 = time.time()
+    cache = data.map_examples(lambda images: fn(teacher, images), ds.train_images,
+                              self.mesh, bs)
+    log.info("[%s] cached the teacher's FSP matrices of %d training examples "
+             "(%.2f GiB on the host) in %.0f s.", stage.name, len(ds.train_labels),
+             nbytes / 2**30, time.time() - t0)
+    return {"teacher_targets": cache}
+
   def make_train_step(self, stage: Stage):
     distiller = stage_distiller(self.config, stage)
+    if self.uses_teacher_cache(stage):
+      step = jax.jit(functools.partial(train.train_step, distiller=distiller,
+                                       use_labels=False), donate_argnums=0)
+      return lambda state, batch: step(state, None, batch, self.mean, self.std,
+                                       targets=batch["teacher_targets"])
     if distiller is None:
       step = jax.jit(train.classify_step, donate_argnums=0)
       return lambda state, batch: step(state, batch, self.mean, self.std)
@@ -569,7 +619,8 @@ class Pipeline:
     try:
       batches = data.train_batches(self.dataset, self.mesh, sched.batch_size, cfg.seed,
                                    start, total, augment=sched.augment,
-                                   pad=cfg.data.pad, flip=cfg.data.flip)
+                                   pad=cfg.data.pad, flip=cfg.data.flip,
+                                   extras=self.teacher_cache(stage))
       for step, batch in batches:
         state, step_metrics = step_fn(state, batch)
         done = step + 1

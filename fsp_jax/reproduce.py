@@ -75,6 +75,72 @@ def grid_config(args, table: str, seed: int):
   return config
 
 
+# Stage-1 ablations of Table 3 (ResNet-26 -> ResNet-8, seed 0, one run each), the known
+# disagreements between implementations. Each entry changes the grid's stage 1 only;
+# the reference rows are the grid's own Table 3 seed-0 runs (paper stage 1, scratch).
+# Element mean of squared differences == lambda_i = 1 / (m_i n_i): the CIFAR ResNets'
+# pairs stem->s1, s1->s2, s2->s3 have 16x16, 16x32 and 32x64 matrices.
+_ELEMENT_MEAN = (1 / (16 * 16), 1 / (16 * 32), 1 / (32 * 64))
+ABLATIONS = {
+    "stage1_x5": ("stage 1 five times longer (paper LRs and drop fractions)",
+                  {"length": 5}),
+    "lr_1e-4": ("stage-1 LR 1e-4 / 1e-5 / 1e-6 (10x below the paper)",
+                {"learning_rates": (1e-4, 1e-5, 1e-6)}),
+    "mean_lr_0.05": ("element-mean loss, stage-1 LR 0.05 / 0.005 / 0.0005 "
+                     "(the re-implementations' scale)",
+                     {"weights": _ELEMENT_MEAN, "learning_rates": (0.05, 0.005, 0.0005)}),
+    "avg_pool": ("average instead of max pooling for s1 -> s2", {"pool": "avg"}),
+}
+
+
+def ablation_config(args, name: str):
+  """The Table 3 seed-0 config with ablation `name`'s stage 1, FSP student only."""
+  config = grid_config(args, "table3", args.seeds[0])
+  change = ABLATIONS[name][1]
+  config.baselines = ()
+  config.fsp.checkpoint = ""
+  sched = config.fsp.schedule
+  if "length" in change:
+    sched.num_steps *= change["length"]
+    sched.boundaries = tuple(b * change["length"] for b in sched.boundaries)
+  if "learning_rates" in change:
+    sched.learning_rates = change["learning_rates"]
+  if "weights" in change:
+    config.fsp.weights = change["weights"]
+  if "pool" in change:
+    config.fsp.pool = change["pool"]
+  return config
+
+
+def kernel_norm_growth(args, run_dir: str, config) -> float:
+  """||all conv kernels|| of the stage-1 result over that of the initialisation.
+
+  The convolutions feed batch norm, so their scale does not change the function but
+  divides the effective learning rate of the next stage by this ratio squared.
+  """
+  import jax
+  import jax.numpy as jnp
+  from fsp_jax import pipeline
+  p = pipeline.Pipeline(config, run_dir)
+
+  def norm(variables):
+    leaves = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for path, v in leaves
+                              if "kernel" in jax.tree_util.keystr(path)
+                              and v.ndim == 4)))
+  return norm(p.final_variables("fsp", "student")) / norm(p.init_variables("student"))
+
+
+def run_ablations(args) -> None:
+  from fsp_jax import pipeline
+  wd = os.path.abspath(args.workdir)
+  for name in args.ablations:
+    t0 = time.time()
+    log.info("=== ablation %s ===", name)
+    pipeline.run(ablation_config(args, name), os.path.join(wd, f"ablation_{name}"))
+    log.info("=== ablation %s done in %.0f s", name, time.time() - t0)
+
+
 def run_grid(args) -> Dict[str, Dict]:
   """Runs (or resumes) every run of the grid; returns {run_dir: results.json}."""
   from fsp_jax import pipeline
@@ -89,10 +155,13 @@ def run_grid(args) -> Dict[str, Dict]:
 
   teacher = base_overrides(load_config("cifar10_teacher"), args, 0)
   run("teacher", teacher)
-  # Table 3 (ResNet-8 students, cheap) first: on a small machine it finishes early.
-  for table in ("table3", "table1"):
-    for seed in args.seeds:
-      run(f"{table}_seed{seed}", grid_config(args, table, seed))
+  # Table 3 (ResNet-8 students, cheap) first, then its stage-1 ablations, then Table 1:
+  # on a small machine the cheap, most informative runs finish early.
+  for seed in args.seeds:
+    run(f"table3_seed{seed}", grid_config(args, "table3", seed))
+  run_ablations(args)
+  for seed in args.seeds:
+    run(f"table1_seed{seed}", grid_config(args, "table1", seed))
   return runs
 
 
@@ -283,6 +352,63 @@ def write_report(args, runs, wall_s: float) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _curve_at(curve, step):
+  steps, accs = curve
+  hit = accs[steps == step]
+  return f"{hit[0]:.2f}" if len(hit) else "–"
+
+
+def ablation_section(args, runs) -> List[str]:
+  """The report's table of Table 3 stage-1 ablations that have finished."""
+  wd = os.path.abspath(args.workdir)
+  seed = args.seeds[0]
+  base = runs.get(f"table3_seed{seed}", {})
+  rows = []
+  if "student" in base:
+    rows.append(("paper (the grid's seed-0 run)", f"table3_seed{seed}",
+                 grid_config(args, "table3", seed)))
+  for name, (label, _) in ABLATIONS.items():
+    path = os.path.join(wd, f"ablation_{name}", "results.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        runs[f"ablation_{name}"] = json.load(f)
+      rows.append((label, f"ablation_{name}", ablation_config(args, name)))
+  if not rows:
+    return []
+  total = int(round(64000 * args.scale))
+  marks = [total // 4, total // 2, total]
+  head = " / ".join(f"@{m}" for m in marks)
+  lines = [
+      "## Stage-1 ablations (Table 3, ResNet-26 -> ResNet-8, seed 0)",
+      "",
+      "One change to stage 1 each; stage 2 and the scratch baseline as in the grid. "
+      "`kernel norm x` is the norm of all the student's convolution kernels after stage 1 "
+      "over their initial norm: the kernels feed batch norm, so the next stage's "
+      "effective learning rate is divided by its square.",
+      "",
+      f"| stage 1 | steps | test FSP loss | kernel norm x | student acc. % {head} | "
+      "minus scratch |",
+      "|---|---|---|---|---|---|",
+  ]
+  scratch = base.get("scratch", {}).get("test_accuracy")
+  if scratch is not None:
+    sc_curve = read_curve(os.path.join(wd, f"table3_seed{seed}", "scratch"))
+    lines.append(f"| none: ResNet-8 from scratch | – | – | 1.00 | " +
+                 " / ".join(_curve_at(sc_curve, m) for m in marks) + " | – |")
+  for label, run_name, config in rows:
+    r = runs[run_name]
+    if "student" not in r:
+      continue
+    curve = read_curve(os.path.join(wd, run_name, "student"))
+    growth = kernel_norm_growth(args, os.path.join(wd, run_name), config)
+    delta = (f"{100 * (r['student']['test_accuracy'] - scratch):+.2f}"
+             if scratch is not None else "–")
+    lines.append(f"| {label} | {r['fsp']['steps']} | {r['fsp']['test_fsp_loss']:.0f} | "
+                 f"{growth:.2f} | " + " / ".join(_curve_at(curve, m) for m in marks) +
+                 f" | {delta} |")
+  return lines + [""]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
   parser.add_argument("--data_root", default="/tmp/cifar10",
@@ -295,6 +421,10 @@ def main(argv=None):
   parser.add_argument("--report_dir", default="docs/reproduction")
   parser.add_argument("--curve_points", type=int, default=8)
   parser.add_argument("--log_every", type=int, default=50)
+  parser.add_argument("--ablations", type=lambda s: [x for x in s.split(",") if x],
+                      default=list(ABLATIONS),
+                      help="Table 3 stage-1 ablations to run (comma-separated; '' none): "
+                           + ", ".join(ABLATIONS))
   parser.add_argument("--report_only", action="store_true",
                       help="Write the report from the runs finished so far; train nothing.")
   args = parser.parse_args(argv)
@@ -313,6 +443,9 @@ def main(argv=None):
                "runs": runs}, f, indent=1)
   plot(args, runs, os.path.join(args.report_dir, "accuracy_vs_iteration.png"))
   report = write_report(args, runs, wall)
+  report += "\n" + "\n".join(ablation_section(args, runs))
+  report += ("\nThe interpretation of these numbers, written by hand: "
+             "[findings.md](findings.md).\n")
   with open(os.path.join(args.report_dir, "report.md"), "w") as f:
     f.write(report)
   print(report)

@@ -1,0 +1,99 @@
+"""Teacher FSP caching (config.fsp.cache_teacher): the same stage 1 as recomputing."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsp_jax import config_lib, data, distillers, models, pipeline, train
+
+PAIRS = ((0, 1), (1, 2), (2, 3))
+
+
+def test_cached_teacher_matrices_give_the_recomputed_steps():
+  ds = data.load_digits(16)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  teacher = models.create_model("cifar_resnet14", 10)
+  student = models.create_model("cifar_resnet8", 10)
+  teacher_vars = train.init_variables(teacher, jax.random.PRNGKey(1), (16, 16, 1))
+  mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
+  distiller = distillers.FSP(PAIRS)
+  teacher_fsp = jax.jit(lambda images: train.teacher_targets(
+      teacher.apply, teacher_vars, train.normalize(images, mean, std), distiller))
+  # Batches of 40 over 4 devices: a different batch composition than training uses.
+  cache = data.map_examples(teacher_fsp, ds.train_images, mesh, 40)
+  n = len(ds.train_labels)
+  assert [c.shape for c in cache] == [(n, 16, 16), (n, 16, 32), (n, 32, 64)]
+  tx = train.create_optimizer(train.create_learning_rate_fn((1e-3,), ()), 0.9, 1e-4)
+  step = jax.jit(functools.partial(train.train_step, teacher_apply=teacher.apply,
+                                   distiller=distiller, use_labels=False))
+  runs = []
+  for extras in (None, {"teacher_targets": cache}):
+    variables = train.init_variables(student, jax.random.PRNGKey(0), (16, 16, 1))
+    state = train.create_train_state(student, variables, tx)
+    losses = []
+    for _, batch in data.train_batches(ds, mesh, 32, seed=0, start_step=0, num_steps=3,
+                                       augment=False, extras=extras):
+      assert ("teacher_targets" in batch) == (extras is not None)
+      if extras:  # No teacher at all: only the cached matrices.
+        state, metrics = step(state, None, batch, mean, std,
+                              targets=batch["teacher_targets"])
+      else:
+        state, metrics = step(state, teacher_vars, batch, mean, std)
+      losses.append(float(metrics["loss"]))
+    runs.append((losses, jax.device_get(state.params)))
+  (l_recomputed, p_recomputed), (l_cached, p_cached) = runs
+  assert l_recomputed[0] > 0
+  np.testing.assert_allclose(l_cached, l_recomputed, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               p_cached, p_recomputed)
+
+
+def tiny_config(augment=True):
+  config = config_lib.get_config()
+  config.data.source = "digits"
+  config.data.image_size = (8, 8)
+  config.data.pad = 1
+  config.teacher.model = config.student.model = "cifar_resnet8"
+  config.teacher.schedule = config_lib.schedule(6, (0.1,), (), batch_size=32,
+                                                augment=augment)
+  config.fsp.schedule = config_lib.schedule(8, (1e-3,), (), batch_size=32,
+                                            augment=augment)
+  config.student.schedule = config_lib.schedule(1, (0.1,), (), batch_size=32)
+  config.baselines = ()
+  config.eval_batch_size = 120
+  config.eval_every = 0
+  config.log_every = 2
+  return config
+
+
+def _losses(stage_dir):
+  with open(stage_dir / "metrics.jsonl") as f:
+    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_pipeline_cache_teacher_matches_recomputing(tmp_path):
+  recomputed = pipeline.run(tiny_config(augment=False), str(tmp_path / "a"))
+  config = tiny_config(augment=False)
+  config.fsp.cache_teacher = True
+  config.teacher.checkpoint = str(tmp_path / "a" / "teacher")
+  cached = pipeline.run(config, str(tmp_path / "b"))
+  np.testing.assert_allclose(cached["fsp"]["test_fsp_loss"],
+                             recomputed["fsp"]["test_fsp_loss"], rtol=1e-5)
+  a, b = _losses(tmp_path / "a" / "fsp"), _losses(tmp_path / "b" / "fsp")
+  assert len(a) == 4 and a[0] > 0
+  np.testing.assert_allclose(b, a, rtol=1e-5)
+  np.testing.assert_allclose(cached["student"]["test_accuracy"],
+                             recomputed["student"]["test_accuracy"], atol=1e-6)
+
+
+def test_cache_teacher_with_augmentation_is_a_clear_error():
+  config = tiny_config()
+  config.fsp.cache_teacher = True
+  config.fsp.schedule.augment = True
+  with pytest.raises(ValueError, match="fsp.schedule.augment=False"):
+    pipeline.plan_stages(config)  # Before any training.
+  config.fsp.schedule.augment = False
+  assert [s.name for s in pipeline.plan_stages(config)] == ["teacher", "fsp", "student"]
