@@ -6,7 +6,8 @@
 
 The default prints one JSON object with the keys of the PyTorch peer
 (`benchmarks/torch_reference.py`): images per second of each step (median over
-`--steps` timed steps after `--warmup`), `fsp_over_main`, plus what the peer lacks:
+`--steps` timed steps after `--warmup`, the steps taking turns), `fsp_over_main`, plus
+what the peer lacks:
 
   main             student classify step (cross-entropy), what stage 2 runs
   fsp              stage-1 step: teacher forward + student FSP loss + update
@@ -149,18 +150,21 @@ class Steps:
     self.jax.block_until_ready(out)
     return time.perf_counter() - t0
 
-  def time(self, name, steps, warmup) -> float:
-    """Median seconds per step over `steps` after `warmup` (compilation included)."""
-    for _ in range(warmup):
-      self.run_once(name)
-    return statistics.median(self.run_once(name) for _ in range(steps))
-
 
 def run_jax(args, steps: Steps = None) -> Dict:
   import jax
   steps = steps or Steps(args)
   names = [n for n in args.only.split(",") if n]
-  times = {n: steps.time(n, args.steps, args.warmup) for n in names}
+  for n in names:  # Compilation and warm-up.
+    for _ in range(args.warmup):
+      steps.run_once(n)
+  # Round robin, so that ratios between steps (fsp_over_main, ...) compare steps timed
+  # seconds apart, under the same load.
+  samples = {n: [] for n in names}
+  for _ in range(args.steps):
+    for n in names:
+      samples[n].append(steps.run_once(n))
+  times = {n: statistics.median(samples[n]) for n in names}
   out = {"framework": f"jax {jax.__version__}", "backend": jax.default_backend(),
          "devices": jax.device_count(), "threads": os.cpu_count(),
          "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
