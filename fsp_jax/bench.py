@@ -6,7 +6,8 @@
 
 The default prints one JSON object with the keys of the PyTorch peer
 (`benchmarks/torch_reference.py`): images per second of each step (median over
-`--steps` timed steps after `--warmup`), `fsp_over_main`, plus what the peer lacks:
+`--steps` timed steps after `--warmup`, the steps taking turns), `fsp_over_main`, plus
+what the peer lacks:
 
   main             student classify step (cross-entropy), what stage 2 runs
   fsp              stage-1 step: teacher forward + student FSP loss + update
@@ -14,7 +15,7 @@ The default prints one JSON object with the keys of the PyTorch peer
   teacher_forward  the teacher's share of an FSP step alone (forward + FSP matrices)
   fsp_cached       stage-1 step with the teacher's FSP matrices cached per example
 
-The steps are the pipeline's own (`train.jit_classify_step`, `train.jit_fsp_step`:
+The steps are the pipeline's own (`train.jit_train_step`, as `Pipeline.make_train_step`:
 same functions, same jit options, state donated, batch sharded over all devices),
 timed after compilation with each step's results blocked on. Peak memory per step is
 XLA's buffer assignment for the compiled step (arguments + outputs + temporaries).
@@ -27,6 +28,7 @@ every `--steps` steps for `--repeats` rounds, and prints the per-step ratio jax/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -80,7 +82,7 @@ class Steps:
     import jax.numpy as jnp
     import numpy as np
 
-    from fsp_jax import data, fsp, models, train
+    from fsp_jax import data, distillers, models, train
     self.jax = jax
     self.batch_size = args.batch_size
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
@@ -103,23 +105,27 @@ class Steps:
 
     self.teacher_variables = jax.device_put(
         train.init_variables(teacher, jax.random.PRNGKey(0), (32, 32, 3)), replicated)
-    pairs = fsp.default_fsp_pairs(len(student.widths) + 1)
-    classify = train.jit_classify_step()
-    fsp_step = train.jit_fsp_step(teacher.apply, pairs, None, "max")
-    teacher_fsp = train.jit_teacher_fsp(teacher.apply, pairs, "max")
+    # The pipeline's steps (`Pipeline.make_train_step` builds the same ones).
+    distiller = distillers.FSP()
+    classify = train.jit_train_step()
+    fsp_step = train.jit_train_step(teacher.apply, distiller, use_labels=False)
+    fsp_cached = train.jit_train_step(teacher.apply, distiller, use_labels=False,
+                                      cached_targets=True)
+    teacher_fsp = train.jit_teacher_targets(teacher.apply, distiller)
     matrices = teacher_fsp(self.teacher_variables, self.batch["image"], self.mean,
                            self.std)
-    cached_batch = dict(self.batch, teacher_fsp=matrices)
+    cached_batch = dict(self.batch, teacher_targets=matrices)
+    plain = (None, self.batch, self.mean, self.std)
     # name -> (jitted fn, state or None, other args); each step maps state -> state.
     self.fns = {
-        "main": (classify, state(student, 1), (self.batch, self.mean, self.std)),
+        "main": (classify, state(student, 1), plain),
         "fsp": (fsp_step, state(student, 1),
                 (self.teacher_variables, self.batch, self.mean, self.std)),
-        "teacher": (classify, state(teacher, 0), (self.batch, self.mean, self.std)),
+        "teacher": (classify, state(teacher, 0), plain),
         "teacher_forward": (teacher_fsp, None,
                             (self.teacher_variables, self.batch["image"], self.mean,
                              self.std)),
-        "fsp_cached": (fsp_step, state(student, 1),
+        "fsp_cached": (fsp_cached, state(student, 1),
                        (None, cached_batch, self.mean, self.std)),
     }
     self.states = {k: v[1] for k, v in self.fns.items()}
@@ -148,18 +154,21 @@ class Steps:
     self.jax.block_until_ready(out)
     return time.perf_counter() - t0
 
-  def time(self, name, steps, warmup) -> float:
-    """Median seconds per step over `steps` after `warmup` (compilation included)."""
-    for _ in range(warmup):
-      self.run_once(name)
-    return statistics.median(self.run_once(name) for _ in range(steps))
-
 
 def run_jax(args, steps: Steps = None) -> Dict:
   import jax
   steps = steps or Steps(args)
   names = [n for n in args.only.split(",") if n]
-  times = {n: steps.time(n, args.steps, args.warmup) for n in names}
+  for n in names:  # Compilation and warm-up.
+    for _ in range(args.warmup):
+      steps.run_once(n)
+  # Round robin, so that ratios between steps (fsp_over_main, ...) compare steps timed
+  # seconds apart, under the same load.
+  samples = {n: [] for n in names}
+  for _ in range(args.steps):
+    for n in names:
+      samples[n].append(steps.run_once(n))
+  times = {n: statistics.median(samples[n]) for n in names}
   out = {"framework": f"jax {jax.__version__}", "backend": jax.default_backend(),
          "devices": jax.device_count(), "threads": os.cpu_count(),
          "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
@@ -172,6 +181,9 @@ def run_jax(args, steps: Steps = None) -> Dict:
     # FSP matrices and loss nearly free: fsp ~ teacher forward + student step.
     out["fsp_over_teacher_forward_plus_main"] = round(
         times["fsp"] / (times["teacher_forward"] + times["main"]), 3)
+  if {"fsp_cached", "main"} <= set(times):
+    # With the teacher's matrices cached, stage 1 should cost about a student step.
+    out["fsp_cached_over_main"] = round(times["fsp_cached"] / times["main"], 3)
   out["memory"] = {n: steps.memory(n) for n in names}
   out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   return out
@@ -193,13 +205,19 @@ def run_input_pipeline(args, num_batches: int = 200) -> Dict:
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   out = {"input_pipeline": "data.train_batches, synthetic 50000 x 32x32x3 uint8",
          "batch_size": args.batch_size}
-  # CIFAR-100 4x widths: the teacher's cached FSP matrices per example.
-  cache = (np.zeros((n, 64, 64), np.float32), np.zeros((n, 64, 128), np.float32),
-           np.zeros((n, 128, 256), np.float32))
-  cases = {"augment": dict(augment=True), "no_augment": dict(augment=False),
-           "no_augment_cached_fsp_4x": dict(augment=False, extras={"teacher_fsp": cache})}
-  for name, kw in cases.items():
-    it = data.train_batches(ds, mesh, args.batch_size, 0, 0, num_batches + 5, **kw)
+  # CIFAR-100 4x widths: the teacher's cached FSP matrices, 176 KiB per example. Filled
+  # (not zeros, whose pages the OS maps to one zero page), over 10,000 examples (1.7
+  # GiB, far beyond the caches) rather than 50,000 (9 GiB).
+  m = 10000
+  cache = tuple(np.full((m,) + shape, 1.5, np.float32)
+                for shape in ((64, 64), (64, 128), (128, 256)))
+  small = dataclasses.replace(ds, train_images=ds.train_images[:m],
+                              train_labels=ds.train_labels[:m])
+  cases = {"augment": (ds, dict(augment=True)), "no_augment": (ds, dict(augment=False)),
+           "no_augment_cached_fsp_4x": (small, dict(augment=False,
+                                                    extras={"teacher_targets": cache}))}
+  for name, (dset, kw) in cases.items():
+    it = data.train_batches(dset, mesh, args.batch_size, 0, 0, num_batches + 5, **kw)
     for _ in range(5):  # Fill the prefetch queue, start the thread.
       jax.block_until_ready(next(it)[1])
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ more passes.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, Tuple
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,6 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 
 
 def _conv(x, w, strides, padding, precision, dimension_numbers=_NHWC):
@@ -128,7 +127,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   """`lax.conv_general_dilated` with the faster backward pass for plain 2-D NHWC
   convolutions (HWIO kernel, no dilation, no groups) on CPU; anything else, and other
   backends (whose convolution gradients have no such problem), go to `lax`."""
-  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
+  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4
+           and feature_group_count == 1 and batch_group_count == 1
            and preferred_element_type is None
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1)))

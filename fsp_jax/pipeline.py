@@ -495,9 +495,11 @@ class Pipeline:
       return None
     ds, bs = self.dataset, self.config.eval_batch_size
     distiller = stage_distiller(self.config, stage)
-    apply, teacher = self.models["teacher"].apply, self.teacher_variables()
-    fn = jax.jit(lambda v, images: train.teacher_targets(
-        apply, v, train.normalize(images, self.mean, self.std), distiller))
+    teacher = self.teacher_variables()
+    targets = train.jit_teacher_targets(self.models["teacher"].apply, distiller)
+
+    def fn(v, images):
+      return targets(v, images, self.mean, self.std)
     shapes = jax.eval_shape(fn, teacher, jax.ShapeDtypeStruct(
         (bs,) + tuple(ds.image_shape), jnp.uint8))
     per_example = sum(int(np.prod(s.shape[1:])) for s in jax.tree.leaves(shapes)) * 4
@@ -518,19 +520,13 @@ class Pipeline:
     return {"teacher_targets": cache}
 
   def make_train_step(self, stage: Stage):
+    """`(state, batch) -> (state, metrics)`: `train.jit_train_step` for `stage`."""
     distiller = stage_distiller(self.config, stage)
-    if self.uses_teacher_cache(stage):
-      step = jax.jit(functools.partial(train.train_step, distiller=distiller,
-                                       use_labels=False), donate_argnums=0)
-      return lambda state, batch: step(state, None, batch, self.mean, self.std,
-                                       targets=batch["teacher_targets"])
-    if distiller is None:
-      step = jax.jit(train.classify_step, donate_argnums=0)
-      return lambda state, batch: step(state, batch, self.mean, self.std)
-    step = jax.jit(functools.partial(
-        train.train_step, teacher_apply=self.models["teacher"].apply,
-        distiller=distiller, use_labels=stage.kind == "classify"), donate_argnums=0)
-    teacher = self.teacher_variables()
+    cached = self.uses_teacher_cache(stage)
+    step = train.jit_train_step(self.models["teacher"].apply, distiller,
+                                use_labels=stage.kind == "classify",
+                                cached_targets=cached)
+    teacher = self.teacher_variables() if distiller is not None and not cached else None
     return lambda state, batch: step(state, teacher, batch, self.mean, self.std)
 
   def init_distiller_params(self, stage: Stage):

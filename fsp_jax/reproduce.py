@@ -393,7 +393,7 @@ def ablation_section(args, runs) -> List[str]:
   scratch = base.get("scratch", {}).get("test_accuracy")
   if scratch is not None:
     sc_curve = read_curve(os.path.join(wd, f"table3_seed{seed}", "scratch"))
-    lines.append(f"| none: ResNet-8 from scratch | – | – | 1.00 | " +
+    lines.append("| none: ResNet-8 from scratch | – | – | 1.00 | " +
                  " / ".join(_curve_at(sc_curve, m) for m in marks) + " | – |")
   for label, run_name, config in rows:
     r = runs[run_name]

@@ -214,27 +214,32 @@ def fsp_step(state: TrainState, teacher_variables, batch, mean, std, *, teacher_
                     targets=teacher_matrices)
 
 
-# The jitted steps, built once here so that the pipeline and the benchmark
-# (`fsp_jax.bench`) run the very same compiled functions. The state is donated: XLA
-# updates parameters and optimizer state in place instead of copying them every step.
-def jit_classify_step():
-  """`classify_step` as `(state, batch, mean, std) -> (state, metrics)`, jitted."""
-  return jax.jit(classify_step, donate_argnums=0)
+# The jitted steps, built here so that the pipeline and the benchmark (`fsp_jax.bench`)
+# run the very same compiled functions. The state is donated: XLA updates parameters
+# and optimizer state in place instead of copying them every step.
+def jit_train_step(teacher_apply=None, distiller=None, use_labels: bool = True,
+                   cached_targets: bool = False):
+  """`train_step` as `(state, teacher_variables, batch, mean, std) -> (state, metrics)`.
+
+  With `cached_targets`, the teacher's targets (e.g. its FSP matrices, computed once per
+  example) come in `batch['teacher_targets']` and the teacher is not run
+  (`teacher_variables` may be None).
+  """
+  def step(state, teacher_variables, batch, mean, std):
+    targets = batch["teacher_targets"] if cached_targets else None
+    return train_step(state, teacher_variables, batch, mean, std,
+                      teacher_apply=teacher_apply, distiller=distiller,
+                      use_labels=use_labels, targets=targets)
+  return jax.jit(step, donate_argnums=0)
 
 
-def jit_fsp_step(teacher_apply, fsp_pairs, fsp_weights, pool):
-  """`fsp_step` as `(state, teacher_variables, batch, mean, std) -> (state, metrics)`."""
-  return jax.jit(functools.partial(fsp_step, teacher_apply=teacher_apply,
-                                   fsp_pairs=fsp_pairs, fsp_weights=fsp_weights,
-                                   pool=pool), donate_argnums=0)
-
-
-def jit_teacher_fsp(teacher_apply, fsp_pairs, pool):
-  """`(teacher_variables, images uint8, mean, std) -> matrices`, the teacher's share of
-  an FSP step: forward pass in inference mode plus its FSP matrices (`(B, m, n)` each)."""
+def jit_teacher_targets(teacher_apply, distiller):
+  """`(teacher_variables, images uint8, mean, std) -> targets`, the teacher's share of a
+  distillation step: its forward pass in inference mode and what `distiller` takes from
+  it (for FSP, its matrices, `(B, m, n)` per pair)."""
   def fn(teacher_variables, images, mean, std):
-    return teacher_fsp_matrices(teacher_apply, teacher_variables,
-                                normalize(images, mean, std), fsp_pairs, pool)
+    return teacher_targets(teacher_apply, teacher_variables, normalize(images, mean, std),
+                           distiller)
   return jax.jit(fn)
 
 

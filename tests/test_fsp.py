@@ -144,3 +144,22 @@ def test_fsp_loss_rejects_channel_mismatch_with_clear_error():
     fsp_loss(t, t, fsp_pairs=((0, 5),))
   with pytest.raises(ValueError, match="one weight per pair"):
     fsp_loss(t, t, weights=(1.0, 2.0))
+
+
+def test_max_pool_gradient_matches_reduce_window_and_shares_ties():
+  f = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 8, 3)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 4, 3)))
+
+  def reference(f):
+    window = (1, 2, 2, 1)
+    return jax.lax.reduce_window(f, -jnp.inf, jax.lax.max, window, window, "VALID")
+
+  for pool in (reference, lambda f: fsp_lib._pool_to(f, 4, 4, "max")):
+    assert pool(f).shape == (2, 4, 4, 3)
+  np.testing.assert_array_equal(fsp_lib._pool_to(f, 4, 4, "max"), reference(f))
+  grads = [jax.grad(lambda f: jnp.sum(p(f) * weights))(f)
+           for p in (reference, lambda f: fsp_lib._pool_to(f, 4, 4, "max"))]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6)  # Unique maxima.
+  ties = jnp.zeros((1, 2, 2, 1))
+  g = jax.grad(lambda f: jnp.sum(fsp_lib._pool_to(f, 1, 1, "max")))(ties)
+  np.testing.assert_allclose(g, jnp.full((1, 2, 2, 1), 0.25))
