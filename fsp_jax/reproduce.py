@@ -55,7 +55,13 @@ def base_overrides(config, args, seed: int):
   return config
 
 
+# Element mean of squared differences == lambda_i = 1 / (m_i n_i): the CIFAR ResNets'
+# pairs stem->s1, s1->s2, s2->s3 have 16x16, 16x32 and 32x64 matrices.
+_ELEMENT_MEAN = (1 / (16 * 16), 1 / (16 * 32), 1 / (32 * 64))
+# The re-implementations' stage 1: element-mean loss at LR 0.05 / 0.005 / 0.0005.
+ELEMENT_MEAN_LRS = (0.05, 0.005, 0.0005)
 TABLES = {"table1": ("cifar10_fast_optimization", ("teacher_short",)),
+          "table1_mean": ("cifar10_fast_optimization", ("teacher_short",)),
           "table3": ("cifar10_minimization", ("scratch",))}
 
 
@@ -66,6 +72,9 @@ def grid_config(args, table: str, seed: int):
   wd = os.path.abspath(args.workdir)
   config.teacher.checkpoint = os.path.join(wd, "teacher", "teacher")
   config.baselines = baselines
+  if table == "table1_mean":
+    config.fsp.weights = _ELEMENT_MEAN
+    config.fsp.schedule.learning_rates = ELEMENT_MEAN_LRS
   if seed != args.seeds[0]:  # One stage-1 result initialises every seed's student.
     config.fsp.checkpoint = os.path.join(wd, f"{table}_seed{args.seeds[0]}", "fsp")
   main_steps = int(round(config.student.schedule.num_steps * args.scale))
@@ -78,19 +87,25 @@ def grid_config(args, table: str, seed: int):
 # Stage-1 ablations of Table 3 (ResNet-26 -> ResNet-8, seed 0, one run each), the known
 # disagreements between implementations. Each entry changes the grid's stage 1 only;
 # the reference rows are the grid's own Table 3 seed-0 runs (paper stage 1, scratch).
-# Element mean of squared differences == lambda_i = 1 / (m_i n_i): the CIFAR ResNets'
-# pairs stem->s1, s1->s2, s2->s3 have 16x16, 16x32 and 32x64 matrices.
-_ELEMENT_MEAN = (1 / (16 * 16), 1 / (16 * 32), 1 / (32 * 64))
 ABLATIONS = {
-    "stage1_x5": ("stage 1 five times longer (paper LRs and drop fractions)",
-                  {"length": 5}),
     "lr_1e-4": ("stage-1 LR 1e-4 / 1e-5 / 1e-6 (10x below the paper)",
                 {"learning_rates": (1e-4, 1e-5, 1e-6)}),
     "mean_lr_0.05": ("element-mean loss, stage-1 LR 0.05 / 0.005 / 0.0005 "
                      "(the re-implementations' scale)",
-                     {"weights": _ELEMENT_MEAN, "learning_rates": (0.05, 0.005, 0.0005)}),
+                     {"weights": _ELEMENT_MEAN, "learning_rates": ELEMENT_MEAN_LRS}),
     "avg_pool": ("average instead of max pooling for s1 -> s2", {"pool": "avg"}),
+    "stage1_x5": ("stage 1 five times longer (paper LRs and drop fractions)",
+                  {"length": 5}),
+    # The paper's stage-1 result itself, every convolution kernel then scaled back to
+    # its initial norm: the same function (each kernel feeds batch norm), the next
+    # stage's effective learning rate restored. Tests the cause, not a variant.
+    "renorm_kernels": ("the paper's stage-1 result, each conv kernel scaled back to "
+                       "its initial norm (same function)", {"renorm": True}),
 }
+RENORMALIZED = "fsp_renormalized"  # The renorm_kernels ablation's stage-1 weights.
+
+
+DIVERGED = "diverged.json"  # An ablation's record of a loss that became NaN or inf.
 
 
 def ablation_config(args, name: str):
@@ -109,26 +124,64 @@ def ablation_config(args, name: str):
     config.fsp.weights = change["weights"]
   if "pool" in change:
     config.fsp.pool = change["pool"]
+  if "renorm" in change:
+    config.fsp.checkpoint = os.path.join(os.path.abspath(args.workdir),
+                                         f"ablation_{name}", RENORMALIZED)
   return config
 
 
-def kernel_norm_growth(args, run_dir: str, config) -> float:
-  """||all conv kernels|| of the stage-1 result over that of the initialisation.
+def _conv_kernels(variables):
+  """`{path: kernel}` of every convolution kernel (4-D) of a model's params."""
+  import jax
+  leaves = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  return {jax.tree_util.keystr(p): v for p, v in leaves
+          if "kernel" in jax.tree_util.keystr(p) and v.ndim == 4}
+
+
+def stage_one_weights(args, run_name: str):
+  """(initial, stage-1 result) student variables of a Table 3 run or ablation."""
+  from fsp_jax import checkpoints, pipeline
+  wd = os.path.abspath(args.workdir)
+  config = (grid_config(args, "table3", args.seeds[0]) if run_name.startswith("table3")
+            else ablation_config(args, run_name[len("ablation_"):]))
+  p = pipeline.Pipeline(config, os.path.join(wd, run_name))
+  path = config.fsp.checkpoint or os.path.join(wd, run_name, "fsp")
+  final, _ = checkpoints.restore_model(path, p.abstract_variables("student"))
+  return p.init_variables("student"), final
+
+
+def write_renormalized(args, name: str) -> None:
+  """The renorm_kernels ablation's stage-1 weights: the grid's seed-0 stage-1 result
+  with each convolution kernel scaled to its norm at initialisation."""
+  import jax
+  import jax.numpy as jnp
+  from fsp_jax import checkpoints
+  out = ablation_config(args, name).fsp.checkpoint
+  if checkpoints.has_checkpoints(out):
+    return
+  init, final = stage_one_weights(args, f"table3_seed{args.seeds[0]}")
+  target = {k: jnp.linalg.norm(v) for k, v in _conv_kernels(init).items()}
+
+  def rescale(path, v):
+    key = jax.tree_util.keystr(path)
+    return v * (target[key] / jnp.linalg.norm(v)) if key in target else v
+  params = jax.tree_util.tree_map_with_path(rescale, final["params"])
+  checkpoints.save_model(out, {"params": params, "batch_stats": final["batch_stats"]})
+
+
+def kernel_norm_growth(args, run_name: str) -> float:
+  """||all conv kernels|| of a run's stage-1 result over that of the initialisation.
 
   The convolutions feed batch norm, so their scale does not change the function but
   divides the effective learning rate of the next stage by this ratio squared.
   """
-  import jax
-  import jax.numpy as jnp
-  from fsp_jax import pipeline
-  p = pipeline.Pipeline(config, run_dir)
+  import numpy as onp
+  init, final = stage_one_weights(args, run_name)
 
   def norm(variables):
-    leaves = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
-    return float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for path, v in leaves
-                              if "kernel" in jax.tree_util.keystr(path)
-                              and v.ndim == 4)))
-  return norm(p.final_variables("fsp", "student")) / norm(p.init_variables("student"))
+    return float(onp.sqrt(sum(float((onp.asarray(v) ** 2).sum())
+                              for v in _conv_kernels(variables).values())))
+  return norm(final) / norm(init)
 
 
 def run_ablations(args) -> None:
@@ -137,7 +190,16 @@ def run_ablations(args) -> None:
   for name in args.ablations:
     t0 = time.time()
     log.info("=== ablation %s ===", name)
-    pipeline.run(ablation_config(args, name), os.path.join(wd, f"ablation_{name}"))
+    run_dir = os.path.join(wd, f"ablation_{name}")
+    if "renorm" in ABLATIONS[name][1]:
+      write_renormalized(args, name)
+    try:
+      pipeline.run(ablation_config(args, name), run_dir)
+    except FloatingPointError as e:  # A finding, not a crash: recorded for the report.
+      log.warning("=== ablation %s diverged: %s", name, e)
+      with open(os.path.join(run_dir, DIVERGED), "w") as f:
+        json.dump({"error": str(e)}, f)
+      continue
     log.info("=== ablation %s done in %.0f s", name, time.time() - t0)
 
 
@@ -161,14 +223,21 @@ def run_grid(args) -> Dict[str, Dict]:
     run(f"table3_seed{seed}", grid_config(args, "table3", seed))
   run_ablations(args)
   for seed in args.seeds:
-    run(f"table1_seed{seed}", grid_config(args, "table1", seed))
+    name = f"{args.t1}_seed{seed}"
+    try:
+      run(name, grid_config(args, args.t1, seed))
+    except FloatingPointError as e:  # Recorded for the report; the seeds share stage 1.
+      log.warning("=== %s diverged: %s", name, e)
+      with open(os.path.join(wd, name, DIVERGED), "w") as f:
+        json.dump({"error": str(e)}, f)
+      break
   return runs
 
 
 def collect_runs(args) -> Dict[str, Dict]:
   """{run name: results.json} of every grid run that has results (finished stages)."""
   wd = os.path.abspath(args.workdir)
-  names = ["teacher"] + [f"{t}_seed{s}" for t in ("table1", "table3") for s in args.seeds]
+  names = ["teacher"] + [f"{t}_seed{s}" for t in (args.t1, "table3") for s in args.seeds]
   runs = {}
   for name in names:
     path = os.path.join(wd, name, "results.json")
@@ -223,7 +292,10 @@ def plot(args, runs, out_path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   wd = os.path.abspath(args.workdir)
-  panels = [p for p in PANELS if finished(runs, p[0], p[1][0][0], args.seeds)]
+  panels = [(args.t1 if t == "table1" else t, lines, title + (
+      ", element-mean stage 1" if t == "table1" and args.t1 == "table1_mean" else ""))
+            for t, lines, title in PANELS]
+  panels = [p for p in panels if finished(runs, p[0], p[1][0][0], args.seeds)]
   if not panels:
     return
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
@@ -267,15 +339,16 @@ def write_report(args, runs, wall_s: float) -> str:
   s1 = int(round(21000 * args.scale))
   s2 = int(round(21000 * args.scale))
   s3 = int(round(64000 * args.scale))
+  t1 = args.t1  # The Table 1 runs: 'table1' (paper stage 1) or 'table1_mean'.
   done = {(tb, st): finished(runs, tb, st, seeds)
-          for tb in ("table1", "table3") for st in ("student", "scratch", "teacher_short")}
+          for tb in (t1, "table3") for st in ("student", "scratch", "teacher_short")}
   ens = {}
-  for tb, st, role in (("table1", "student", "student"), ("table1", "teacher_short", "teacher"),
+  for tb, st, role in ((t1, "student", "student"), (t1, "teacher_short", "teacher"),
                        ("table3", "student", "student"), ("table3", "scratch", "student")):
     ens[(tb, st)] = (f"{100 * ensemble_accuracy(args, tb, st, role, done[(tb, st)]):.2f}"
                      if len(done[(tb, st)]) > 1 else "–")
   acc = {k: _accs(runs, k[0], k[1], v) for k, v in done.items()}
-  f1, ts = acc[("table1", "student")], acc[("table1", "teacher_short")]
+  f1, ts = acc[(t1, "student")], acc[(t1, "teacher_short")]
   f3, sc = acc[("table3", "student")], acc[("table3", "scratch")]
   lines = [
       "# FSP distillation on real CIFAR-10, scaled down",
@@ -316,10 +389,10 @@ def write_report(args, runs, wall_s: float) -> str:
       f"| teacher | {steps_t} | {100 * t['test_accuracy']:.2f} (1 net) | – | "
       f"{PAPER['table1']['teacher']} | {PAPER['table1']['teacher_ens']} |",
       f"| teacher arch., 1/3 of the iterations | {s2} | {_stats(ts)} | "
-      f"{ens[('table1', 'teacher_short')]} | {PAPER['table1']['teacher_short']} | "
+      f"{ens[(t1, 'teacher_short')]} | {PAPER['table1']['teacher_short']} | "
       f"{PAPER['table1']['teacher_short_ens']} |",
       f"| FSP student: stage 1 shared + stage 2 | {s1} + {s2} | {_stats(f1)} | "
-      f"{ens[('table1', 'student')]} | {PAPER['table1']['student']} | "
+      f"{ens[(t1, 'student')]} | {PAPER['table1']['student']} | "
       f"{PAPER['table1']['student_ens']} |",
       "",
       "![accuracy against main-task iteration](accuracy_vs_iteration.png)",
@@ -327,6 +400,18 @@ def write_report(args, runs, wall_s: float) -> str:
       "## What it shows",
       "",
   ]
+  bad = os.path.join(os.path.abspath(args.workdir), f"table1_seed{seeds[0]}", DIVERGED)
+  if os.path.exists(bad):
+    with open(bad) as f:
+      error = json.load(f)["error"].split(";")[0]
+    lines.append(f"- Table 1 with the paper's stage 1 (Eq. 2's sum, LR 1e-3) diverged: "
+                 f"{error}." + (" The Table 1 rows above use the element-mean loss at "
+                                f"stage-1 LR {ELEMENT_MEAN_LRS[0]} instead "
+                                "(`--table1_stage1 element_mean`)." if t1 != "table1"
+                                else ""))
+  elif t1 != "table1":
+    lines.append("- Table 1 uses the element-mean FSP loss at stage-1 LR "
+                 f"{ELEMENT_MEAN_LRS[0]} (`--table1_stage1 element_mean`).")
   if len(f3) and len(sc):
     n = min(len(f3), len(sc))
     spread = max(np.std(f3[:n], ddof=1), np.std(sc[:n], ddof=1)) if n > 1 else 0.0
@@ -343,7 +428,7 @@ def write_report(args, runs, wall_s: float) -> str:
         f"vs the teacher architecture trained for those iterations {100 * ts.mean():.2f}% "
         f"({100 * gap:+.2f}): " + ("**reaches at least its accuracy**." if gap >= 0
                                     else "**does not reach it**."))
-  expected = {"table3": ("student", "scratch"), "table1": ("student", "teacher_short")}
+  expected = {"table3": ("student", "scratch"), t1: ("student", "teacher_short")}
   missing = [f"{tb} {st} seed {s}" for tb, sts in expected.items() for st in sts
              for s in seeds if s not in done[(tb, st)]]
   if missing:
@@ -365,14 +450,21 @@ def ablation_section(args, runs) -> List[str]:
   base = runs.get(f"table3_seed{seed}", {})
   rows = []
   if "student" in base:
-    rows.append(("paper (the grid's seed-0 run)", f"table3_seed{seed}",
-                 grid_config(args, "table3", seed)))
+    rows.append(("paper (the grid's seed-0 run)", f"table3_seed{seed}"))
+  diverged = []
   for name, (label, _) in ABLATIONS.items():
     path = os.path.join(wd, f"ablation_{name}", "results.json")
-    if os.path.exists(path):
+    bad = os.path.join(wd, f"ablation_{name}", DIVERGED)
+    if os.path.exists(bad) and not os.path.exists(path):
+      with open(bad) as f:
+        error = json.load(f)["error"]
+      steps = ablation_config(args, name).fsp.schedule.num_steps * args.scale
+      diverged.append(f"| {label} | {int(round(steps))} | diverged: "
+                      f"{error.split(';')[0].split('] ')[-1]} | – | – | – |")
+    elif os.path.exists(path):
       with open(path) as f:
         runs[f"ablation_{name}"] = json.load(f)
-      rows.append((label, f"ablation_{name}", ablation_config(args, name)))
+      rows.append((label, f"ablation_{name}"))
   if not rows:
     return []
   total = int(round(64000 * args.scale))
@@ -395,18 +487,19 @@ def ablation_section(args, runs) -> List[str]:
     sc_curve = read_curve(os.path.join(wd, f"table3_seed{seed}", "scratch"))
     lines.append("| none: ResNet-8 from scratch | – | – | 1.00 | " +
                  " / ".join(_curve_at(sc_curve, m) for m in marks) + " | – |")
-  for label, run_name, config in rows:
+  for label, run_name in rows:
     r = runs[run_name]
     if "student" not in r:
       continue
     curve = read_curve(os.path.join(wd, run_name, "student"))
-    growth = kernel_norm_growth(args, os.path.join(wd, run_name), config)
+    growth = kernel_norm_growth(args, run_name)
     delta = (f"{100 * (r['student']['test_accuracy'] - scratch):+.2f}"
              if scratch is not None else "–")
-    lines.append(f"| {label} | {r['fsp']['steps']} | {r['fsp']['test_fsp_loss']:.0f} | "
+    stage_one = r.get("fsp", base.get("fsp"))  # renorm_kernels: the grid's stage 1.
+    lines.append(f"| {label} | {stage_one['steps']} | {stage_one['test_fsp_loss']:.4g} | "
                  f"{growth:.2f} | " + " / ".join(_curve_at(curve, m) for m in marks) +
                  f" | {delta} |")
-  return lines + [""]
+  return lines + diverged + [""]
 
 
 def main(argv=None):
@@ -421,19 +514,30 @@ def main(argv=None):
   parser.add_argument("--report_dir", default="docs/reproduction")
   parser.add_argument("--curve_points", type=int, default=8)
   parser.add_argument("--log_every", type=int, default=50)
+  parser.add_argument("--table1_stage1", choices=("paper", "element_mean"),
+                      default="paper",
+                      help="Table 1's stage 1: the paper's (Eq. 2's sum, LR 1e-3) or the "
+                           "re-implementations' element-mean loss at LR 0.05.")
   parser.add_argument("--ablations", type=lambda s: [x for x in s.split(",") if x],
                       default=list(ABLATIONS),
                       help="Table 3 stage-1 ablations to run (comma-separated; '' none): "
                            + ", ".join(ABLATIONS))
+  parser.add_argument("--ablations_only", action="store_true",
+                      help="Run only --ablations (the grid's teacher and Table 3 seed-0 "
+                           "runs must have finished), then write the report.")
   parser.add_argument("--report_only", action="store_true",
                       help="Write the report from the runs finished so far; train nothing.")
   args = parser.parse_args(argv)
+  args.t1 = "table1" if args.table1_stage1 == "paper" else "table1_mean"
   args.command = "python -m fsp_jax.reproduce " + " ".join(
       f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
-      for k, v in vars(args).items() if k not in ("command", "report_only"))
+      for k, v in vars(args).items()
+      if k not in ("command", "report_only", "ablations_only", "t1"))
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("fsp_jax").setLevel(logging.INFO)
-  if not args.report_only:
+  if args.ablations_only:
+    run_ablations(args)
+  elif not args.report_only:
     run_grid(args)
   runs = collect_runs(args)
   wall = sum(r.get("wall_time_s", 0.0) for run in runs.values() for r in run.values())
