@@ -78,6 +78,10 @@ def get_config():
       fsp_pairs=(),
       weights=(),  # lambda per pair; () = all 1.0 (the paper: all equal).
       pool="max",  # spatial mismatch: 'max' (paper) or 'avg'.
+      # 'sum' of squared differences over each matrix's entries (Eq. 2, the paper) or
+      # their 'mean' (PyTorch re-implementations; use LR ~0.05 with it). With 'sum',
+      # LR 1e-3 is at the edge of stability on CIFAR (docs/reproduction/findings.md).
+      reduction="sum",
       # Beyond the paper: learned 1x1 convolutions map the student's feature maps to
       # the teacher's channel counts, so teachers of other widths can be used.
       adapter=False,

@@ -52,12 +52,21 @@ class FSP:
       bias-free 1x1 convolution maps each student feature map used by a pair to the
       teacher's channel count before its FSP matrix is taken (so the student's matrix
       becomes A_i^T G^S A_j). Off by default: the paper's setting stays exact.
+    reduction: "sum" over each matrix's entries (Eq. 2, the paper) or "mean" (the
+      re-implementations' scale, 1/(m n) of it: learning rates do not transfer).
   """
   fsp_pairs: Tuple[Tuple[int, int], ...] = ()
   weights: Optional[Tuple[float, ...]] = None
   pool: str = "max"
   adapter: bool = False
+  reduction: str = "sum"
   name = "fsp"
+
+  def __post_init__(self):
+    if self.reduction not in fsp.REDUCTIONS:
+      raise ValueError(f"fsp.reduction={self.reduction!r} is not one of "
+                       f"{fsp.REDUCTIONS}: 'sum' is the paper's Eq. 2, 'mean' the "
+                       "re-implementations' scale.")
   uses = "features"
 
   def pairs(self, num_features: int) -> Tuple[Tuple[int, int], ...]:
@@ -102,7 +111,7 @@ class FSP:
     del logits, step
     student = fsp.fsp_matrices(self.adapt(params, features), self.pairs(len(features)),
                                self.pool)
-    return fsp.fsp_distances(targets, student, self.weights)
+    return fsp.fsp_distances(targets, student, self.weights, self.reduction)
 
 
 @dataclasses.dataclass(frozen=True)

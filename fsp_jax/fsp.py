@@ -173,9 +173,13 @@ def _check_matrices(teacher_matrices, student_matrices, weights):
   return weights
 
 
+REDUCTIONS = ("sum", "mean")
+
+
 def fsp_distance(teacher_matrices: Sequence[jax.Array],
                  student_matrices: Sequence[jax.Array],
-                 weights: Optional[Sequence[float]] = None) -> jax.Array:
+                 weights: Optional[Sequence[float]] = None,
+                 reduction: str = "sum") -> jax.Array:
   """Eq. 2 from precomputed matrices: mean over the batch of weighted squared norms.
 
   L = (1/B) sum_b sum_i lambda_i || G_i^T[b] - G_i^S[b] ||_F^2
@@ -184,29 +188,31 @@ def fsp_distance(teacher_matrices: Sequence[jax.Array],
     teacher_matrices: per pair `(B, m_i, n_i)`; no gradient flows into them.
     student_matrices: per pair `(B, m_i, n_i)`.
     weights: lambda_i per pair; default 1 for each (the paper: all equal).
+    reduction: "sum" over the m_i x n_i entries (Eq. 2), or "mean" over them (the
+      PyTorch re-implementations' scale: lambda_i / (m_i n_i); learning rates differ).
 
   Returns:
     a float32 scalar.
   """
-  weights = _check_matrices(teacher_matrices, student_matrices, weights)
-  total = jnp.zeros((), jnp.float32)
-  for gt, gs, lam in zip(teacher_matrices, student_matrices, weights):
-    diff = jax.lax.stop_gradient(gt) - gs
-    total = total + lam * jnp.mean(jnp.sum(jnp.square(diff), axis=(1, 2)))
-  return total
+  return jnp.mean(fsp_distances(teacher_matrices, student_matrices, weights, reduction))
 
 
 def fsp_distances(teacher_matrices: Sequence[jax.Array],
                   student_matrices: Sequence[jax.Array],
-                  weights: Optional[Sequence[float]] = None) -> jax.Array:
+                  weights: Optional[Sequence[float]] = None,
+                  reduction: str = "sum") -> jax.Array:
   """Eq. 2 per example: `(B,)` of sum_i lambda_i || G_i^T[b] - G_i^S[b] ||_F^2.
 
   Its batch mean is `fsp_distance`. Arguments as for `fsp_distance`.
   """
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"FSP reduction {reduction!r} is not one of {REDUCTIONS}.")
   weights = _check_matrices(teacher_matrices, student_matrices, weights)
   total = jnp.zeros(student_matrices[0].shape[:1], jnp.float32)
   for gt, gs, lam in zip(teacher_matrices, student_matrices, weights):
     diff = jax.lax.stop_gradient(gt) - gs
+    if reduction == "mean":
+      lam = lam / (gs.shape[1] * gs.shape[2])
     total = total + lam * jnp.sum(jnp.square(diff), axis=(1, 2))
   return total
 
@@ -215,7 +221,7 @@ def fsp_loss(teacher_features: Sequence[jax.Array],
              student_features: Sequence[jax.Array],
              fsp_pairs: Optional[Sequence[FspPair]] = None,
              weights: Optional[Sequence[float]] = None,
-             pool: str = "max") -> jax.Array:
+             pool: str = "max", reduction: str = "sum") -> jax.Array:
   """The FSP loss of Eq. 2 between a frozen teacher and a student.
 
   Args:
@@ -226,10 +232,12 @@ def fsp_loss(teacher_features: Sequence[jax.Array],
     fsp_pairs: `(i, j)` feature indices; default one pair per section.
     weights: lambda_i per pair; default equal (1.0).
     pool: "max" (paper) or "avg" for pairs of different spatial size.
+    reduction: "sum" (Eq. 2) or "mean" over each matrix's entries.
 
   Returns:
     a float32 scalar: batch mean of sum_i lambda_i ||G_i^T - G_i^S||_F^2.
   """
   teacher_features = [jax.lax.stop_gradient(f) for f in teacher_features]
   return fsp_distance(fsp_matrices(teacher_features, fsp_pairs, pool),
-                      fsp_matrices(student_features, fsp_pairs, pool), weights)
+                      fsp_matrices(student_features, fsp_pairs, pool), weights,
+                      reduction)

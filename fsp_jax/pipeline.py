@@ -151,7 +151,8 @@ def build_distiller(config, name: str, num_steps: int = 1):
   if name == "fsp":
     return distillers.FSP(tuple(tuple(p) for p in config.fsp.fsp_pairs),
                           tuple(config.fsp.weights) or None, config.fsp.pool,
-                          adapter=config.fsp.get("adapter", False))
+                          adapter=config.fsp.get("adapter", False),
+                          reduction=config.fsp.get("reduction", "sum"))
   if name == "hint":
     f = config.fitnet
     return distillers.Hint(f.hint_feature, f.guided_feature, f.regressor_kernel,
@@ -264,6 +265,8 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
   by_name = {s.name: s for s in stages}
   if stage.kind == "fsp":
     out["fsp"] = _jsonable({k: config.fsp[k] for k in ("fsp_pairs", "weights", "pool")})
+    if config.fsp.get("reduction", "sum") != "sum":  # Added later: old workdirs resume.
+      out["fsp"]["reduction"] = config.fsp.reduction
     if "teacher" in by_name:
       out["teacher"] = fingerprint(config, by_name["teacher"], stages)
     else:

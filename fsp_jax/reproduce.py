@@ -93,6 +93,9 @@ ABLATIONS = {
     "mean_lr_0.05": ("element-mean loss, stage-1 LR 0.05 / 0.005 / 0.0005 "
                      "(the re-implementations' scale)",
                      {"weights": _ELEMENT_MEAN, "learning_rates": ELEMENT_MEAN_LRS}),
+    "mean_lr_0.05_x5": ("element-mean loss at LR 0.05, stage 1 five times longer",
+                        {"weights": _ELEMENT_MEAN, "learning_rates": ELEMENT_MEAN_LRS,
+                         "length": 5}),
     "avg_pool": ("average instead of max pooling for s1 -> s2", {"pool": "avg"}),
     "stage1_x5": ("stage 1 five times longer (paper LRs and drop fractions)",
                   {"length": 5}),

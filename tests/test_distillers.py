@@ -47,6 +47,14 @@ def test_fsp_objective_is_eq2_per_example():
                              float(fsp.fsp_loss(teacher, student, weights=(1.0, 0.5))),
                              rtol=1e-6)
   assert d.init(jax.random.PRNGKey(0), teacher, student) == {}
+  # The element-mean scale: 4x4 and 4x8 matrices.
+  mean = distillers.FSP(weights=(1.0, 0.5), reduction="mean")
+  np.testing.assert_allclose(
+      np.asarray(mean.objective({}, targets, None, student, 0)),
+      np.asarray(distillers.FSP(weights=(1.0 / 16, 0.5 / 32)).objective(
+          {}, targets, None, student, 0)), rtol=1e-6)
+  with pytest.raises(ValueError, match="fsp.reduction"):
+    distillers.FSP(reduction="avg")
 
 
 def test_fsp_adapter_maps_student_channels_to_the_teacher():

@@ -40,12 +40,13 @@ def numpy_fsp(f1, f2, pool="max"):
   return g
 
 
-def numpy_loss(tfeats, sfeats, pairs, weights, pool="max"):
+def numpy_loss(tfeats, sfeats, pairs, weights, pool="max", reduction="sum"):
   total = 0.0
   for (i, j), lam in zip(pairs, weights):
     gt = numpy_fsp(tfeats[i], tfeats[j], pool)
     gs = numpy_fsp(sfeats[i], sfeats[j], pool)
-    total += lam * np.mean(np.sum((gt - gs) ** 2, axis=(1, 2)))
+    per_example = (np.sum if reduction == "sum" else np.mean)((gt - gs) ** 2, axis=(1, 2))
+    total += lam * np.mean(per_example)
   return total
 
 
@@ -114,6 +115,21 @@ def test_fsp_loss_matches_loop_with_weights(pool):
   got = fsp_loss([jnp.asarray(f, jnp.float32) for f in t],
                  [jnp.asarray(f, jnp.float32) for f in s], pairs, weights, pool)
   np.testing.assert_allclose(got, numpy_loss(t, s, pairs, weights, pool), rtol=1e-5)
+
+
+def test_fsp_loss_mean_reduction_is_the_element_mean():
+  rng = np.random.default_rng(6)
+  t, s = _features(rng), _features(rng)
+  pairs, weights = ((0, 1), (1, 2)), (0.5, 2.0)
+  tj, sj = ([jnp.asarray(f, jnp.float32) for f in x] for x in (t, s))
+  got = fsp_loss(tj, sj, pairs, weights, "max", reduction="mean")
+  np.testing.assert_allclose(
+      got, numpy_loss(t, s, pairs, weights, "max", reduction="mean"), rtol=1e-5)
+  # 3x3 and 3x5 matrices: the mean is the sum with lambda_i / (m_i n_i).
+  np.testing.assert_allclose(got, fsp_loss(tj, sj, pairs, (0.5 / 9, 2.0 / 15)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="not one of"):
+    fsp_loss(tj, sj, pairs, weights, reduction="median")
 
 
 def test_fsp_loss_default_pairs_and_equal_weights():
