@@ -62,6 +62,9 @@ _ELEMENT_MEAN = (1 / (16 * 16), 1 / (16 * 32), 1 / (32 * 64))
 ELEMENT_MEAN_LRS = (0.05, 0.005, 0.0005)
 TABLES = {"table1": ("cifar10_fast_optimization", ("teacher_short",)),
           "table1_mean": ("cifar10_fast_optimization", ("teacher_short",)),
+          # Its teacher_short runs would repeat table1_mean's (they do not depend on
+          # stage 1): the report reads those.
+          "table1_meanlong": ("cifar10_fast_optimization", ()),
           "table3": ("cifar10_minimization", ("scratch",))}
 
 
@@ -72,9 +75,13 @@ def grid_config(args, table: str, seed: int):
   wd = os.path.abspath(args.workdir)
   config.teacher.checkpoint = os.path.join(wd, "teacher", "teacher")
   config.baselines = baselines
-  if table == "table1_mean":
+  if table in ("table1_mean", "table1_meanlong"):
     config.fsp.weights = _ELEMENT_MEAN
     config.fsp.schedule.learning_rates = ELEMENT_MEAN_LRS
+  if table == "table1_meanlong":  # Stage 1 five times longer, same drop fractions.
+    sched = config.fsp.schedule
+    sched.num_steps *= 5
+    sched.boundaries = tuple(5 * b for b in sched.boundaries)
   if seed != args.seeds[0]:  # One stage-1 result initialises every seed's student.
     config.fsp.checkpoint = os.path.join(wd, f"{table}_seed{args.seeds[0]}", "fsp")
   main_steps = int(round(config.student.schedule.num_steps * args.scale))
@@ -111,12 +118,22 @@ RENORMALIZED = "fsp_renormalized"  # The renorm_kernels ablation's stage-1 weigh
 DIVERGED = "diverged.json"  # An ablation's record of a loss that became NaN or inf.
 
 
-def ablation_config(args, name: str):
-  """The Table 3 seed-0 config with ablation `name`'s stage 1, FSP student only."""
-  config = grid_config(args, "table3", args.seeds[0])
+def ablation_dir(args, name: str, seed=None) -> str:
+  """An ablation's run directory: `ablation_NAME` for the first seed, then
+  `ablation_NAME_seedS` (which reuse the first seed's stage 1, as the grid's seeds do)."""
+  suffix = "" if seed in (None, args.seeds[0]) else f"_seed{seed}"
+  return os.path.join(os.path.abspath(args.workdir), f"ablation_{name}{suffix}")
+
+
+def ablation_config(args, name: str, seed=None):
+  """The Table 3 config (first seed unless `seed`) with ablation `name`'s stage 1, FSP
+  student only; other seeds start from the first seed's stage-1 result."""
+  seed = args.seeds[0] if seed is None else seed
+  config = grid_config(args, "table3", seed)
   change = ABLATIONS[name][1]
   config.baselines = ()
-  config.fsp.checkpoint = ""
+  config.fsp.checkpoint = ("" if seed == args.seeds[0] else
+                           os.path.join(ablation_dir(args, name), "fsp"))
   sched = config.fsp.schedule
   if "length" in change:
     sched.num_steps *= change["length"]
@@ -190,7 +207,8 @@ def kernel_norm_growth(args, run_name: str) -> float:
 def run_ablations(args) -> None:
   from fsp_jax import pipeline
   wd = os.path.abspath(args.workdir)
-  for name in args.ablations:
+  extra = [args.ablation_seeds] if args.ablation_seeds else []
+  for name in dict.fromkeys(args.ablations + extra):  # The seeds' stage 1 first.
     t0 = time.time()
     log.info("=== ablation %s ===", name)
     run_dir = os.path.join(wd, f"ablation_{name}")
@@ -204,6 +222,11 @@ def run_ablations(args) -> None:
         json.dump({"error": str(e)}, f)
       continue
     log.info("=== ablation %s done in %.0f s", name, time.time() - t0)
+  if args.ablation_seeds:
+    name = args.ablation_seeds
+    for seed in args.seeds[1:]:
+      log.info("=== ablation %s, seed %d ===", name, seed)
+      pipeline.run(ablation_config(args, name, seed), ablation_dir(args, name, seed))
 
 
 def run_grid(args) -> Dict[str, Dict]:
@@ -240,7 +263,8 @@ def run_grid(args) -> Dict[str, Dict]:
 def collect_runs(args) -> Dict[str, Dict]:
   """{run name: results.json} of every grid run that has results (finished stages)."""
   wd = os.path.abspath(args.workdir)
-  names = ["teacher"] + [f"{t}_seed{s}" for t in (args.t1, "table3") for s in args.seeds]
+  tables = dict.fromkeys((args.t1, "table1_mean", "table1", "table3"))
+  names = ["teacher"] + [f"{t}_seed{s}" for t in tables for s in args.seeds]
   runs = {}
   for name in names:
     path = os.path.join(wd, name, "results.json")
@@ -257,13 +281,20 @@ def finished(runs, table: str, stage: str, seeds) -> List[int]:
 
 def ensemble_accuracy(args, table: str, stage: str, role: str, seeds) -> float:
   """Test accuracy of the averaged softmax of one stage's model over `seeds`."""
-  from fsp_jax import pipeline
   wd = os.path.abspath(args.workdir)
+  return ensemble_of([(grid_config(args, table, seed),
+                       os.path.join(wd, f"{table}_seed{seed}")) for seed in seeds],
+                     stage, role)
+
+
+def ensemble_of(runs, stage: str, role: str) -> float:
+  """Test accuracy of the averaged softmax of `stage`'s model over `runs` (config,
+  run directory)."""
+  from fsp_jax import pipeline
   probs = 0.0
   p = None
-  for seed in seeds:
-    p = pipeline.Pipeline(grid_config(args, table, seed),
-                          os.path.join(wd, f"{table}_seed{seed}"))
+  for config, run_dir in runs:
+    p = pipeline.Pipeline(config, run_dir)
     logits = p.predict(role, p.final_variables(stage, role))
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = probs + e / e.sum(-1, keepdims=True)
@@ -290,24 +321,46 @@ PANELS = (("table3", (("student", "FSP student (ResNet-8)", "C0"),
            "Table 1: fast optimization (26 -> 26)"))
 
 
+def teacher_short_table(args, runs) -> str:
+  """teacher_short does not depend on stage 1: the first Table 1 variant that has it."""
+  return next((tb for tb in dict.fromkeys((args.t1, "table1_mean", "table1"))
+               if finished(runs, tb, "teacher_short", args.seeds)), args.t1)
+
+
 def plot(args, runs, out_path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   wd = os.path.abspath(args.workdir)
   panels = [(args.t1 if t == "table1" else t, lines, title + (
-      ", element-mean stage 1" if t == "table1" and args.t1 == "table1_mean" else ""))
+      {"table1_mean": ", element-mean stage 1",
+       "table1_meanlong": ", element-mean stage 1 x5"}.get(args.t1, "")
+      if t == "table1" else ""))
             for t, lines, title in PANELS]
   panels = [p for p in panels if finished(runs, p[0], p[1][0][0], args.seeds)]
   if not panels:
     return
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+  ts_table = teacher_short_table(args, runs)
   for ax, (table, lines, title) in zip(axes[0], panels):
-    for stage, label, color in lines:
-      seeds = finished(runs, table, stage, args.seeds)
-      if not seeds:
+    lines = [(table, stage, label, color) for stage, label, color in lines]
+    if table == "table3" and args.ablation_seeds:
+      lines.append(("ablation", "student",
+                    f"FSP student, stage 1 {args.ablation_seeds}", "C2"))
+    for source, stage, label, color in lines:
+      if source == "ablation":
+        dirs = [os.path.join(ablation_dir(args, args.ablation_seeds, s), stage)
+                for s in args.seeds]
+        dirs = [d for d in dirs if os.path.exists(os.path.join(d, "..", "results.json"))]
+      else:
+        if stage == "teacher_short":
+          source = ts_table
+        dirs = [os.path.join(wd, f"{source}_seed{s}", stage)
+                for s in finished(runs, source, stage, args.seeds)]
+      if not dirs:
         continue
-      curves = [read_curve(os.path.join(wd, f"{table}_seed{s}", stage)) for s in seeds]
+      seeds = dirs
+      curves = [read_curve(d) for d in dirs]
       n = min(len(c[0]) for c in curves)
       steps = curves[0][0][:n]
       accs = np.stack([c[1][:n] for c in curves])
@@ -342,15 +395,22 @@ def write_report(args, runs, wall_s: float) -> str:
   s1 = int(round(21000 * args.scale))
   s2 = int(round(21000 * args.scale))
   s3 = int(round(64000 * args.scale))
-  t1 = args.t1  # The Table 1 runs: 'table1' (paper stage 1) or 'table1_mean'.
-  done = {(tb, st): finished(runs, tb, st, seeds)
+  t1 = args.t1  # The Table 1 runs: 'table1' (paper stage 1), 'table1_mean', ...
+  first = runs.get(f"{t1}_seed{seeds[0]}", {})
+  s1_t1 = first["fsp"]["steps"] if "fsp" in first else s1
+  ts_table = teacher_short_table(args, runs)
+
+  def src(tb, st):
+    return ts_table if (tb, st) == (t1, "teacher_short") else tb
+  done = {(tb, st): finished(runs, src(tb, st), st, seeds)
           for tb in (t1, "table3") for st in ("student", "scratch", "teacher_short")}
   ens = {}
   for tb, st, role in ((t1, "student", "student"), (t1, "teacher_short", "teacher"),
                        ("table3", "student", "student"), ("table3", "scratch", "student")):
-    ens[(tb, st)] = (f"{100 * ensemble_accuracy(args, tb, st, role, done[(tb, st)]):.2f}"
-                     if len(done[(tb, st)]) > 1 else "–")
-  acc = {k: _accs(runs, k[0], k[1], v) for k, v in done.items()}
+    ens[(tb, st)] = (
+        f"{100 * ensemble_accuracy(args, src(tb, st), st, role, done[(tb, st)]):.2f}"
+        if len(done[(tb, st)]) > 1 else "–")
+  acc = {k: _accs(runs, src(*k), k[1], v) for k, v in done.items()}
   f1, ts = acc[(t1, "student")], acc[(t1, "teacher_short")]
   f3, sc = acc[("table3", "student")], acc[("table3", "scratch")]
   lines = [
@@ -394,7 +454,7 @@ def write_report(args, runs, wall_s: float) -> str:
       f"| teacher arch., 1/3 of the iterations | {s2} | {_stats(ts)} | "
       f"{ens[(t1, 'teacher_short')]} | {PAPER['table1']['teacher_short']} | "
       f"{PAPER['table1']['teacher_short_ens']} |",
-      f"| FSP student: stage 1 shared + stage 2 | {s1} + {s2} | {_stats(f1)} | "
+      f"| FSP student: stage 1 shared + stage 2 | {s1_t1} + {s2} | {_stats(f1)} | "
       f"{ens[(t1, 'student')]} | {PAPER['table1']['student']} | "
       f"{PAPER['table1']['student_ens']} |",
       "",
@@ -410,11 +470,16 @@ def write_report(args, runs, wall_s: float) -> str:
     lines.append(f"- Table 1 with the paper's stage 1 (Eq. 2's sum, LR 1e-3) diverged: "
                  f"{error}." + (" The Table 1 rows above use the element-mean loss at "
                                 f"stage-1 LR {ELEMENT_MEAN_LRS[0]} instead "
-                                "(`--table1_stage1 element_mean`)." if t1 != "table1"
+                                f"(`--table1_stage1 {args.table1_stage1}`)."
+                                if t1 != "table1"
                                 else ""))
   elif t1 != "table1":
     lines.append("- Table 1 uses the element-mean FSP loss at stage-1 LR "
-                 f"{ELEMENT_MEAN_LRS[0]} (`--table1_stage1 element_mean`).")
+                 f"{ELEMENT_MEAN_LRS[0]} (`--table1_stage1 {args.table1_stage1}`).")
+  if t1 == "table1_meanlong":
+    lines.append(f"- Table 1's stage 1 is five times the scaled length ({s1_t1} "
+                 f"iterations); its teacher_short rows are the runs of {ts_table} (they "
+                 "do not depend on stage 1).")
   if len(f3) and len(sc):
     n = min(len(f3), len(sc))
     spread = max(np.std(f3[:n], ddof=1), np.std(sc[:n], ddof=1)) if n > 1 else 0.0
@@ -502,7 +567,54 @@ def ablation_section(args, runs) -> List[str]:
     lines.append(f"| {label} | {stage_one['steps']} | {stage_one['test_fsp_loss']:.4g} | "
                  f"{growth:.2f} | " + " / ".join(_curve_at(curve, m) for m in marks) +
                  f" | {delta} |")
-  return lines + diverged + [""]
+  return lines + diverged + [""] + ablation_seeds_section(args, runs)
+
+
+def ablation_seeds_section(args, runs) -> List[str]:
+  """Table 3 again, FSP students with `--ablation_seeds`'s stage 1, over all seeds."""
+  name = args.ablation_seeds
+  if not name:
+    return []
+  seeds = [s for s in args.seeds if os.path.exists(
+      os.path.join(ablation_dir(args, name, s), "results.json"))]
+  scratch_seeds = finished(runs, "table3", "scratch", args.seeds)
+  if len(seeds) < 2 or len(scratch_seeds) < 2:
+    return []
+  accs = []
+  for seed in seeds:
+    with open(os.path.join(ablation_dir(args, name, seed), "results.json")) as f:
+      accs.append(json.load(f)["student"]["test_accuracy"])
+  accs = np.asarray(accs)
+  sc = _accs(runs, "table3", "scratch", scratch_seeds)
+  ens = ensemble_of([(ablation_config(args, name, s), ablation_dir(args, name, s))
+                     for s in seeds], "student", "student")
+  sc_ens = ensemble_accuracy(args, "table3", "scratch", "student", scratch_seeds)
+  gap = accs.mean() - sc.mean()
+  spread = max(np.std(accs, ddof=1), np.std(sc, ddof=1))
+  total = int(round(64000 * args.scale))
+  stage_one = int(round(ablation_config(args, name).fsp.schedule.num_steps * args.scale))
+  return [
+      f"## Table 3 with the stage 1 `{name}`, all seeds",
+      "",
+      f"{ABLATIONS[name][0]}; one stage-1 result ({stage_one} iterations, seed "
+      f"{args.seeds[0]}) shared by the seeds, as in the grid.",
+      "",
+      "| run | iterations | accuracy %, mean ± std | ensemble % | paper |",
+      "|---|---|---|---|---|",
+      f"| ResNet-8 from scratch (the grid's) | {total} | {_stats(sc)} | "
+      f"{100 * sc_ens:.2f} | {PAPER['table3']['scratch']} |",
+      f"| FSP student ResNet-8 | {stage_one} (stage 1) + {total} | {_stats(accs)} | "
+      f"{100 * ens:.2f} | {PAPER['table3']['student']} |",
+      "",
+      "Per seed (FSP / scratch): " + ", ".join(
+          f"seed {s}: {100 * a:.2f} / {100 * b:.2f}" for s, a, b in zip(seeds, accs, sc)),
+      "",
+      f"- FSP student minus scratch = {100 * gap:+.2f} points (mean of {len(seeds)}), "
+      f"seed spread (largest std) {100 * spread:.2f}: " +
+      ("**FSP beats scratch by more than the seed spread**." if gap > spread else
+       "**FSP does not beat scratch by more than the seed spread**."),
+      "",
+  ]
 
 
 def main(argv=None):
@@ -517,21 +629,31 @@ def main(argv=None):
   parser.add_argument("--report_dir", default="docs/reproduction")
   parser.add_argument("--curve_points", type=int, default=8)
   parser.add_argument("--log_every", type=int, default=50)
-  parser.add_argument("--table1_stage1", choices=("paper", "element_mean"),
+  parser.add_argument("--table1_stage1",
+                      choices=("paper", "element_mean", "element_mean_long"),
                       default="paper",
                       help="Table 1's stage 1: the paper's (Eq. 2's sum, LR 1e-3) or the "
-                           "re-implementations' element-mean loss at LR 0.05.")
+                           "re-implementations' element-mean loss at LR 0.05, or that "
+                           "with a stage 1 five times longer.")
   parser.add_argument("--ablations", type=lambda s: [x for x in s.split(",") if x],
                       default=list(ABLATIONS),
                       help="Table 3 stage-1 ablations to run (comma-separated; '' none): "
                            + ", ".join(ABLATIONS))
+  parser.add_argument("--ablation_seeds", default="mean_lr_0.05_x5",
+                      help="An ablation to run for every seed too (its students start "
+                           "from its first seed's stage 1), reported as Table 3 again; "
+                           "'' none.")
   parser.add_argument("--ablations_only", action="store_true",
                       help="Run only --ablations (the grid's teacher and Table 3 seed-0 "
                            "runs must have finished), then write the report.")
   parser.add_argument("--report_only", action="store_true",
                       help="Write the report from the runs finished so far; train nothing.")
   args = parser.parse_args(argv)
-  args.t1 = "table1" if args.table1_stage1 == "paper" else "table1_mean"
+  args.t1 = {"paper": "table1", "element_mean": "table1_mean",
+             "element_mean_long": "table1_meanlong"}[args.table1_stage1]
+  unknown = set(args.ablations + [args.ablation_seeds]) - set(ABLATIONS) - {""}
+  if unknown:
+    parser.error(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}.")
   args.command = "python -m fsp_jax.reproduce " + " ".join(
       f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
       for k, v in vars(args).items()
