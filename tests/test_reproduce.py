@@ -1,0 +1,77 @@
+"""The reproduction grid's configs and ablations (fsp_jax.reproduce), without training."""
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsp_jax import models, reproduce, train
+
+
+def _args(tmp_path, **kw):
+  base = dict(scale=0.01, data_root="", log_every=50, workdir=str(tmp_path),
+              curve_points=8, seeds=[0, 1, 2], t1="table1")
+  return argparse.Namespace(**{**base, **kw})
+
+
+def test_grid_keeps_the_papers_schedule_shape(tmp_path):
+  args = _args(tmp_path)
+  t3 = reproduce.grid_config(args, "table3", 0)
+  assert t3.schedule_scale == 0.01
+  assert (t3.fsp.schedule.num_steps, t3.fsp.schedule.boundaries) == (21000, (11000, 16000))
+  assert t3.fsp.schedule.learning_rates == (1e-3, 1e-4, 1e-5)  # The paper's.
+  assert t3.fsp.checkpoint == "" and t3.baselines == ("scratch",)
+  # Other seeds start from the first seed's stage 1 (Algorithm 1: one stage 1, shared).
+  assert reproduce.grid_config(args, "table3", 1).fsp.checkpoint == str(
+      tmp_path / "table3_seed0" / "fsp")
+  t1 = reproduce.grid_config(args, "table1_mean", 0)
+  np.testing.assert_allclose(t1.fsp.weights, (1 / 256, 1 / 512, 1 / 2048))
+  assert t1.fsp.schedule.learning_rates == reproduce.ELEMENT_MEAN_LRS
+  long = reproduce.grid_config(args, "table1_meanlong", 0)
+  assert (long.fsp.schedule.num_steps, long.fsp.schedule.boundaries) == (
+      105000, (55000, 80000))
+  assert long.baselines == ()
+
+
+def test_each_ablation_changes_stage_one_only(tmp_path):
+  args = _args(tmp_path)
+  base = reproduce.grid_config(args, "table3", 0)
+  for name in reproduce.ABLATIONS:
+    config = reproduce.ablation_config(args, name)
+    assert config.student.to_dict() == base.student.to_dict()
+    assert config.teacher.checkpoint == base.teacher.checkpoint
+    assert config.baselines == ()
+  x5 = reproduce.ablation_config(args, "stage1_x5").fsp.schedule
+  assert (x5.num_steps, x5.boundaries) == (105000, (55000, 80000))
+  assert reproduce.ablation_config(args, "avg_pool").fsp.pool == "avg"
+  renorm = reproduce.ablation_config(args, "renorm_kernels")
+  assert renorm.fsp.checkpoint.endswith("ablation_renorm_kernels/fsp_renormalized")
+  seed2 = reproduce.ablation_config(args, "mean_lr_0.05_x5", 2)
+  assert seed2.seed == 2
+  assert seed2.fsp.checkpoint == str(tmp_path / "ablation_mean_lr_0.05_x5" / "fsp")
+  assert reproduce.ablation_dir(args, "avg_pool", 2).endswith("ablation_avg_pool_seed2")
+
+
+def test_unknown_ablation_is_a_clear_error(capsys):
+  with pytest.raises(SystemExit):
+    reproduce.main(["--ablations", "nope", "--report_only"])
+  assert "unknown ablations ['nope']" in capsys.readouterr().err
+
+
+def test_scaling_conv_kernels_keeps_the_function():
+  """What the renorm_kernels ablation relies on: every conv kernel feeds batch norm,
+  so rescaling kernels leaves the network's training-mode outputs unchanged."""
+  model = models.create_model("cifar_resnet8", 10)
+  variables = train.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
+
+  def scale(path, v):
+    return v * 5.0 if v.ndim == 4 else v
+  scaled = {"params": jax.tree_util.tree_map_with_path(scale, variables["params"]),
+            "batch_stats": variables["batch_stats"]}
+  (a, fa), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  (b, fb), _ = model.apply(scaled, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+  for u, v in zip(fa, fb):
+    np.testing.assert_allclose(jnp.asarray(v), jnp.asarray(u), rtol=1e-3, atol=1e-4)
