@@ -62,9 +62,10 @@ _ELEMENT_MEAN = (1 / (16 * 16), 1 / (16 * 32), 1 / (32 * 64))
 ELEMENT_MEAN_LRS = (0.05, 0.005, 0.0005)
 TABLES = {"table1": ("cifar10_fast_optimization", ("teacher_short",)),
           "table1_mean": ("cifar10_fast_optimization", ("teacher_short",)),
-          # Its teacher_short runs would repeat table1_mean's (they do not depend on
-          # stage 1): the report reads those.
+          # teacher_short does not depend on stage 1: it runs once, in table1_short,
+          # unless another Table 1 variant of the workdir has it.
           "table1_meanlong": ("cifar10_fast_optimization", ()),
+          "table1_short": ("cifar10_fast_optimization", ("teacher_short",)),
           "table3": ("cifar10_minimization", ("scratch",))}
 
 
@@ -78,6 +79,8 @@ def grid_config(args, table: str, seed: int):
   if table in ("table1_mean", "table1_meanlong"):
     config.fsp.weights = _ELEMENT_MEAN
     config.fsp.schedule.learning_rates = ELEMENT_MEAN_LRS
+  if table == "table1_short":
+    config.methods = ()
   if table == "table1_meanlong":  # Stage 1 five times longer, same drop fractions.
     sched = config.fsp.schedule
     sched.num_steps *= 5
@@ -257,13 +260,18 @@ def run_grid(args) -> Dict[str, Dict]:
       with open(os.path.join(wd, name, DIVERGED), "w") as f:
         json.dump({"error": str(e)}, f)
       break
+  if not TABLES[args.t1][1] and not any(
+      finished(collect_runs(args), tb, "teacher_short", args.seeds) == list(args.seeds)
+      for tb in TEACHER_SHORT_TABLES):
+    for seed in args.seeds:
+      run(f"table1_short_seed{seed}", grid_config(args, "table1_short", seed))
   return runs
 
 
 def collect_runs(args) -> Dict[str, Dict]:
   """{run name: results.json} of every grid run that has results (finished stages)."""
   wd = os.path.abspath(args.workdir)
-  tables = dict.fromkeys((args.t1, "table1_mean", "table1", "table3"))
+  tables = dict.fromkeys((args.t1, "table3") + TEACHER_SHORT_TABLES)
   names = ["teacher"] + [f"{t}_seed{s}" for t in tables for s in args.seeds]
   runs = {}
   for name in names:
@@ -321,9 +329,13 @@ PANELS = (("table3", (("student", "FSP student (ResNet-8)", "C0"),
            "Table 1: fast optimization (26 -> 26)"))
 
 
+# Where Table 1's teacher_short runs may be (they do not depend on stage 1).
+TEACHER_SHORT_TABLES = ("table1_mean", "table1", "table1_short")
+
+
 def teacher_short_table(args, runs) -> str:
-  """teacher_short does not depend on stage 1: the first Table 1 variant that has it."""
-  return next((tb for tb in dict.fromkeys((args.t1, "table1_mean", "table1"))
+  """The first Table 1 variant of the workdir that has teacher_short runs."""
+  return next((tb for tb in dict.fromkeys((args.t1,) + TEACHER_SHORT_TABLES)
                if finished(runs, tb, "teacher_short", args.seeds)), args.t1)
 
 

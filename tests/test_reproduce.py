@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsp_jax import models, reproduce, train
+from fsp_jax import models, pipeline, reproduce, train
 
 
 def _args(tmp_path, **kw):
@@ -32,6 +32,9 @@ def test_grid_keeps_the_papers_schedule_shape(tmp_path):
   assert (long.fsp.schedule.num_steps, long.fsp.schedule.boundaries) == (
       105000, (55000, 80000))
   assert long.baselines == ()
+  # teacher_short does not depend on stage 1: table1_short runs it alone.
+  short = reproduce.grid_config(args, "table1_short", 0)
+  assert [s.name for s in pipeline.plan_stages(short)] == ["teacher_short"]
 
 
 def test_each_ablation_changes_stage_one_only(tmp_path):
