@@ -677,7 +677,10 @@ def main(argv=None):
   elif not args.report_only:
     run_grid(args)
   runs = collect_runs(args)
-  wall = sum(r.get("wall_time_s", 0.0) for run in runs.values() for r in run.values())
+  # The grid's own runs: the teacher, Table 3 and the Table 1 variant reported.
+  tables = dict.fromkeys(("table3", args.t1, teacher_short_table(args, runs)))
+  used = ["teacher"] + [f"{t}_seed{s}" for t in tables for s in args.seeds]
+  wall = sum(r.get("wall_time_s", 0.0) for name in used for r in runs.get(name, {}).values())
   os.makedirs(args.report_dir, exist_ok=True)
   with open(os.path.join(args.report_dir, "results.json"), "w") as f:
     json.dump({"scale": args.scale, "seeds": args.seeds, "wall_time_s": wall,
