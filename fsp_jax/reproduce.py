@@ -678,9 +678,13 @@ def main(argv=None):
     run_grid(args)
   runs = collect_runs(args)
   # The grid's own runs: the teacher, Table 3 and the Table 1 variant reported.
-  tables = dict.fromkeys(("table3", args.t1, teacher_short_table(args, runs)))
-  used = ["teacher"] + [f"{t}_seed{s}" for t in tables for s in args.seeds]
-  wall = sum(r.get("wall_time_s", 0.0) for name in used for r in runs.get(name, {}).values())
+  ts = teacher_short_table(args, runs)
+  used = [("teacher", None)] + [(f"{t}_seed{s}", None) for t in ("table3", args.t1)
+                                for s in args.seeds]
+  if ts != args.t1:  # Only its teacher_short stages are this grid's.
+    used += [(f"{ts}_seed{s}", "teacher_short") for s in args.seeds]
+  wall = sum(r.get("wall_time_s", 0.0) for name, only in used
+             for stage, r in runs.get(name, {}).items() if only in (None, stage))
   os.makedirs(args.report_dir, exist_ok=True)
   with open(os.path.join(args.report_dir, "results.json"), "w") as f:
     json.dump({"scale": args.scale, "seeds": args.seeds, "wall_time_s": wall,
