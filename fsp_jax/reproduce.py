@@ -321,7 +321,7 @@ def read_curve(stage_dir: str):
   return np.asarray(steps), np.asarray(accs)
 
 
-PANELS = (("table3", (("student", "FSP student (ResNet-8)", "C0"),
+PANELS = (("table3", (("student", "FSP student (ResNet-8), paper stage 1", "C0"),
                       ("scratch", "ResNet-8 from scratch", "C3")),
            "Table 3: network minimization (26 -> 8)"),
           ("table1", (("student", "FSP student (ResNet-26)", "C0"),
@@ -345,8 +345,8 @@ def plot(args, runs, out_path: str) -> None:
   import matplotlib.pyplot as plt
   wd = os.path.abspath(args.workdir)
   panels = [(args.t1 if t == "table1" else t, lines, title + (
-      {"table1_mean": ", element-mean stage 1",
-       "table1_meanlong": ", element-mean stage 1 x5"}.get(args.t1, "")
+      {"table1_mean": ",\nelement-mean stage 1",
+       "table1_meanlong": ",\nelement-mean stage 1 five times longer"}.get(args.t1, "")
       if t == "table1" else ""))
             for t, lines, title in PANELS]
   panels = [p for p in panels if finished(runs, p[0], p[1][0][0], args.seeds)]
@@ -358,7 +358,7 @@ def plot(args, runs, out_path: str) -> None:
     lines = [(table, stage, label, color) for stage, label, color in lines]
     if table == "table3" and args.ablation_seeds:
       lines.append(("ablation", "student",
-                    f"FSP student, stage 1 {args.ablation_seeds}", "C2"))
+                    f"FSP student, stage 1 '{args.ablation_seeds}'", "C2"))
     for source, stage, label, color in lines:
       if source == "ablation":
         dirs = [os.path.join(ablation_dir(args, args.ablation_seeds, s), stage)
