@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import time
 from typing import Dict, List
 
@@ -66,22 +67,26 @@ TABLES = {"table1": ("cifar10_fast_optimization", ("teacher_short",)),
           # unless another Table 1 variant of the workdir has it.
           "table1_meanlong": ("cifar10_fast_optimization", ()),
           "table1_short": ("cifar10_fast_optimization", ("teacher_short",)),
-          "table3": ("cifar10_minimization", ("scratch",))}
+          "table3": ("cifar10_minimization", ("scratch",)),
+          "table3_mean": ("cifar10_minimization", ("scratch",)),
+          "table3_meanlong": ("cifar10_minimization", ("scratch",))}
+# --table1_stage1 / --table3_stage1: the table variant (run-directory prefix) per stage 1.
+STAGE1_SUFFIX = {"paper": "", "element_mean": "_mean", "element_mean_long": "_meanlong"}
 
 
 def grid_config(args, table: str, seed: int):
-  """The config of one grid run: `table` ('table1' or 'table3') with `seed`."""
+  """The config of one grid run: `table` (a key of TABLES) with `seed`."""
   name, baselines = TABLES[table]
   config = base_overrides(load_config(name), args, seed)
   wd = os.path.abspath(args.workdir)
   config.teacher.checkpoint = os.path.join(wd, "teacher", "teacher")
   config.baselines = baselines
-  if table in ("table1_mean", "table1_meanlong"):
+  if table.endswith(("_mean", "_meanlong")):
     config.fsp.weights = _ELEMENT_MEAN
     config.fsp.schedule.learning_rates = ELEMENT_MEAN_LRS
   if table == "table1_short":
     config.methods = ()
-  if table == "table1_meanlong":  # Stage 1 five times longer, same drop fractions.
+  if table.endswith("_meanlong"):  # Stage 1 five times longer, same drop fractions.
     sched = config.fsp.schedule
     sched.num_steps *= 5
     sched.boundaries = tuple(5 * b for b in sched.boundaries)
@@ -89,7 +94,8 @@ def grid_config(args, table: str, seed: int):
     config.fsp.checkpoint = os.path.join(wd, f"{table}_seed{args.seeds[0]}", "fsp")
   main_steps = int(round(config.student.schedule.num_steps * args.scale))
   # ResNet-26 evaluations cost 4x ResNet-8's: half as many points on Table 1.
-  points = args.curve_points if table == "table3" else max(1, args.curve_points // 2)
+  points = (args.curve_points if table.startswith("table3")
+            else max(1, args.curve_points // 2))
   config.student.schedule.eval_every = max(1, main_steps // points)
   return config
 
@@ -249,7 +255,7 @@ def run_grid(args) -> Dict[str, Dict]:
   # Table 3 (ResNet-8 students, cheap) first, then its stage-1 ablations, then Table 1:
   # on a small machine the cheap, most informative runs finish early.
   for seed in args.seeds:
-    run(f"table3_seed{seed}", grid_config(args, "table3", seed))
+    run(f"{args.t3}_seed{seed}", grid_config(args, args.t3, seed))
   run_ablations(args)
   for seed in args.seeds:
     name = f"{args.t1}_seed{seed}"
@@ -271,7 +277,7 @@ def run_grid(args) -> Dict[str, Dict]:
 def collect_runs(args) -> Dict[str, Dict]:
   """{run name: results.json} of every grid run that has results (finished stages)."""
   wd = os.path.abspath(args.workdir)
-  tables = dict.fromkeys((args.t1, "table3") + TEACHER_SHORT_TABLES)
+  tables = dict.fromkeys((args.t1, args.t3) + TEACHER_SHORT_TABLES)
   names = ["teacher"] + [f"{t}_seed{s}" for t in tables for s in args.seeds]
   runs = {}
   for name in names:
@@ -321,7 +327,9 @@ def read_curve(stage_dir: str):
   return np.asarray(steps), np.asarray(accs)
 
 
-PANELS = (("table3", (("student", "FSP student (ResNet-8), paper stage 1", "C0"),
+STAGE1_TITLE = {"_mean": ",\nelement-mean stage 1",
+                "_meanlong": ",\nelement-mean stage 1 five times longer"}
+PANELS = (("table3", (("student", "FSP student (ResNet-8)", "C0"),
                       ("scratch", "ResNet-8 from scratch", "C3")),
            "Table 3: network minimization (26 -> 8)"),
           ("table1", (("student", "FSP student (ResNet-26)", "C0"),
@@ -344,10 +352,8 @@ def plot(args, runs, out_path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   wd = os.path.abspath(args.workdir)
-  panels = [(args.t1 if t == "table1" else t, lines, title + (
-      {"table1_mean": ",\nelement-mean stage 1",
-       "table1_meanlong": ",\nelement-mean stage 1 five times longer"}.get(args.t1, "")
-      if t == "table1" else ""))
+  variant = {"table1": args.t1, "table3": args.t3}
+  panels = [(variant[t], lines, title + STAGE1_TITLE.get(variant[t][len(t):], ""))
             for t, lines, title in PANELS]
   panels = [p for p in panels if finished(runs, p[0], p[1][0][0], args.seeds)]
   if not panels:
@@ -356,7 +362,7 @@ def plot(args, runs, out_path: str) -> None:
   ts_table = teacher_short_table(args, runs)
   for ax, (table, lines, title) in zip(axes[0], panels):
     lines = [(table, stage, label, color) for stage, label, color in lines]
-    if table == "table3" and args.ablation_seeds:
+    if table == "table3" and args.ablation_seeds:  # The paper's stage 1 beside it.
       lines.append(("ablation", "student",
                     f"FSP student, stage 1 '{args.ablation_seeds}'", "C2"))
     for source, stage, label, color in lines:
@@ -408,23 +414,27 @@ def write_report(args, runs, wall_s: float) -> str:
   s2 = int(round(21000 * args.scale))
   s3 = int(round(64000 * args.scale))
   t1 = args.t1  # The Table 1 runs: 'table1' (paper stage 1), 'table1_mean', ...
-  first = runs.get(f"{t1}_seed{seeds[0]}", {})
-  s1_t1 = first["fsp"]["steps"] if "fsp" in first else s1
+  t3 = args.t3  # The Table 3 runs, likewise.
+
+  def stage_one_steps(table):
+    first = runs.get(f"{table}_seed{seeds[0]}", {})
+    return first["fsp"]["steps"] if "fsp" in first else s1
+  s1_t1, s1_t3 = stage_one_steps(t1), stage_one_steps(t3)
   ts_table = teacher_short_table(args, runs)
 
   def src(tb, st):
     return ts_table if (tb, st) == (t1, "teacher_short") else tb
   done = {(tb, st): finished(runs, src(tb, st), st, seeds)
-          for tb in (t1, "table3") for st in ("student", "scratch", "teacher_short")}
+          for tb in (t1, t3) for st in ("student", "scratch", "teacher_short")}
   ens = {}
   for tb, st, role in ((t1, "student", "student"), (t1, "teacher_short", "teacher"),
-                       ("table3", "student", "student"), ("table3", "scratch", "student")):
+                       (t3, "student", "student"), (t3, "scratch", "student")):
     ens[(tb, st)] = (
         f"{100 * ensemble_accuracy(args, src(tb, st), st, role, done[(tb, st)]):.2f}"
         if len(done[(tb, st)]) > 1 else "–")
   acc = {k: _accs(runs, src(*k), k[1], v) for k, v in done.items()}
   f1, ts = acc[(t1, "student")], acc[(t1, "teacher_short")]
-  f3, sc = acc[("table3", "student")], acc[("table3", "scratch")]
+  f3, sc = acc[(t3, "student")], acc[(t3, "scratch")]
   lines = [
       "# FSP distillation on real CIFAR-10, scaled down",
       "",
@@ -433,14 +443,15 @@ def write_report(args, runs, wall_s: float) -> str:
       f"Scale factor **{args.scale}** on every iteration count and learning-rate drop of "
       f"the paper (teacher {steps_t} of 64k iterations, stage 1 {s1} of 21k, Table 1 "
       f"stage 2 {s2} of 21k, Table 3 stage 2 {s3} of 64k); batch 128, SGD momentum 0.9, "
-      "weight decay 1e-4, pad-4 random crops, the paper's learning rates (stage 1: 1e-3). "
+      "weight decay 1e-4, pad-4 random crops, the paper's learning rates (stage 1: 1e-3 "
+      "with Eq. 2's sum) unless a table's stage 1 says otherwise below. "
       "Data: the shared JPEG re-encoding of CIFAR-10 (50k train / 10k test; lossy, so "
       "absolute numbers sit a little below the original's). Seeds "
       f"{', '.join(map(str, seeds))}; one teacher, and one stage-1 result per table "
       "shared by the seeds (the paper's Algorithm 1); seeds change the initialisation "
       "of the scratch runs and the data order of every main-task run. Wall time of the "
-      f"runs: **{wall_s / 60:.1f} min** on this 2-core CPU machine, which other jobs "
-      "shared while it ran.",
+      f"runs: **{wall_s / 60:.1f} min** on a machine with {os.cpu_count()} CPU cores"
+      + (f", {args.note}" if args.note else "") + ".",
       "",
       "## Table 3: network minimization (ResNet-26 -> ResNet-8)",
       "",
@@ -448,14 +459,14 @@ def write_report(args, runs, wall_s: float) -> str:
       "|---|---|---|---|---|",
       f"| teacher ResNet-26 | {steps_t} | {100 * t['test_accuracy']:.2f} (1 net) | – | "
       f"{PAPER['table3']['teacher']} |",
-      f"| ResNet-8 from scratch | {s3} | {_stats(sc)} | {ens[('table3', 'scratch')]} | "
+      f"| ResNet-8 from scratch | {s3} | {_stats(sc)} | {ens[(t3, 'scratch')]} | "
       f"{PAPER['table3']['scratch']} |",
-      f"| FSP student ResNet-8 | {s1} (stage 1) + {s3} | {_stats(f3)} | "
-      f"{ens[('table3', 'student')]} | {PAPER['table3']['student']} |",
+      f"| FSP student ResNet-8 | {s1_t3} (stage 1) + {s3} | {_stats(f3)} | "
+      f"{ens[(t3, 'student')]} | {PAPER['table3']['student']} |",
       "",
       "Per seed (FSP / scratch): " + ", ".join(
           f"seed {s}: {100 * a:.2f} / {100 * b:.2f}"
-          for s, a, b in zip(done[("table3", "student")], f3, sc)),
+          for s, a, b in zip(done[(t3, "student")], f3, sc)),
       "",
       "## Table 1: fast optimization (ResNet-26 -> ResNet-26)",
       "",
@@ -492,6 +503,11 @@ def write_report(args, runs, wall_s: float) -> str:
     lines.append(f"- Table 1's stage 1 is five times the scaled length ({s1_t1} "
                  f"iterations); its teacher_short rows are the runs of {ts_table} (they "
                  "do not depend on stage 1).")
+  if t3 != "table3":
+    lines.append("- Table 3 uses the element-mean FSP loss at stage-1 LR "
+                 f"{ELEMENT_MEAN_LRS[0]} (`--table3_stage1 {args.table3_stage1}`)" +
+                 (f", stage 1 five times the scaled length ({s1_t3} iterations)"
+                  if t3 == "table3_meanlong" else "") + ".")
   if len(f3) and len(sc):
     n = min(len(f3), len(sc))
     spread = max(np.std(f3[:n], ddof=1), np.std(sc[:n], ddof=1)) if n > 1 else 0.0
@@ -508,7 +524,7 @@ def write_report(args, runs, wall_s: float) -> str:
         f"vs the teacher architecture trained for those iterations {100 * ts.mean():.2f}% "
         f"({100 * gap:+.2f}): " + ("**reaches at least its accuracy**." if gap >= 0
                                     else "**does not reach it**."))
-  expected = {"table3": ("student", "scratch"), t1: ("student", "teacher_short")}
+  expected = {t3: ("student", "scratch"), t1: ("student", "teacher_short")}
   missing = [f"{tb} {st} seed {s}" for tb, sts in expected.items() for st in sts
              for s in seeds if s not in done[(tb, st)]]
   if missing:
@@ -641,35 +657,51 @@ def main(argv=None):
   parser.add_argument("--report_dir", default="docs/reproduction")
   parser.add_argument("--curve_points", type=int, default=8)
   parser.add_argument("--log_every", type=int, default=50)
-  parser.add_argument("--table1_stage1",
-                      choices=("paper", "element_mean", "element_mean_long"),
+  parser.add_argument("--table1_stage1", choices=tuple(STAGE1_SUFFIX),
                       default="paper",
                       help="Table 1's stage 1: the paper's (Eq. 2's sum, LR 1e-3) or the "
                            "re-implementations' element-mean loss at LR 0.05, or that "
                            "with a stage 1 five times longer.")
+  parser.add_argument("--table3_stage1", choices=tuple(STAGE1_SUFFIX), default="paper",
+                      help="Table 3's stage 1, as --table1_stage1. The ablations vary "
+                           "the paper's stage 1, so they run with 'paper' only.")
   parser.add_argument("--ablations", type=lambda s: [x for x in s.split(",") if x],
-                      default=list(ABLATIONS),
-                      help="Table 3 stage-1 ablations to run (comma-separated; '' none): "
+                      default=None,
+                      help="Table 3 stage-1 ablations to run (comma-separated; '' none; "
+                           "default all with --table3_stage1 paper, else none): "
                            + ", ".join(ABLATIONS))
-  parser.add_argument("--ablation_seeds", default="mean_lr_0.05_x5",
+  parser.add_argument("--ablation_seeds", default=None,
                       help="An ablation to run for every seed too (its students start "
                            "from its first seed's stage 1), reported as Table 3 again; "
-                           "'' none.")
+                           "'' none (default mean_lr_0.05_x5 with --table3_stage1 paper, "
+                           "else none).")
+  parser.add_argument("--note", default="",
+                      help="Appended to the report's wall-time sentence, e.g. 'shared "
+                           "with other jobs while it ran'.")
   parser.add_argument("--ablations_only", action="store_true",
                       help="Run only --ablations (the grid's teacher and Table 3 seed-0 "
                            "runs must have finished), then write the report.")
   parser.add_argument("--report_only", action="store_true",
                       help="Write the report from the runs finished so far; train nothing.")
   args = parser.parse_args(argv)
-  args.t1 = {"paper": "table1", "element_mean": "table1_mean",
-             "element_mean_long": "table1_meanlong"}[args.table1_stage1]
+  args.t1 = "table1" + STAGE1_SUFFIX[args.table1_stage1]
+  args.t3 = "table3" + STAGE1_SUFFIX[args.table3_stage1]
+  paper_t3 = args.t3 == "table3"
+  if args.ablations is None:
+    args.ablations = list(ABLATIONS) if paper_t3 else []
+  if args.ablation_seeds is None:
+    args.ablation_seeds = "mean_lr_0.05_x5" if paper_t3 else ""
+  if not paper_t3 and (args.ablations or args.ablation_seeds):
+    parser.error("the ablations change the paper's stage 1 of Table 3: run them with "
+                 "--table3_stage1 paper (in a workdir of their own), or pass "
+                 "--ablations '' --ablation_seeds ''.")
   unknown = set(args.ablations + [args.ablation_seeds]) - set(ABLATIONS) - {""}
   if unknown:
     parser.error(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}.")
   args.command = "python -m fsp_jax.reproduce " + " ".join(
-      f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+      f"--{k} {shlex.quote(','.join(map(str, v)) if isinstance(v, list) else str(v))}"
       for k, v in vars(args).items()
-      if k not in ("command", "report_only", "ablations_only", "t1"))
+      if k not in ("command", "report_only", "ablations_only", "t1", "t3"))
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("fsp_jax").setLevel(logging.INFO)
   if args.ablations_only:
@@ -679,7 +711,7 @@ def main(argv=None):
   runs = collect_runs(args)
   # The grid's own runs: the teacher, Table 3 and the Table 1 variant reported.
   ts = teacher_short_table(args, runs)
-  used = [("teacher", None)] + [(f"{t}_seed{s}", None) for t in ("table3", args.t1)
+  used = [("teacher", None)] + [(f"{t}_seed{s}", None) for t in (args.t3, args.t1)
                                 for s in args.seeds]
   if ts != args.t1:  # Only its teacher_short stages are this grid's.
     used += [(f"{ts}_seed{s}", "teacher_short") for s in args.seeds]

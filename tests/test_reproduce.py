@@ -11,7 +11,7 @@ from fsp_jax import models, pipeline, reproduce, train
 
 def _args(tmp_path, **kw):
   base = dict(scale=0.01, data_root="", log_every=50, workdir=str(tmp_path),
-              curve_points=8, seeds=[0, 1, 2], t1="table1")
+              curve_points=8, seeds=[0, 1, 2], t1="table1", t3="table3")
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -35,6 +35,28 @@ def test_grid_keeps_the_papers_schedule_shape(tmp_path):
   # teacher_short does not depend on stage 1: table1_short runs it alone.
   short = reproduce.grid_config(args, "table1_short", 0)
   assert [s.name for s in pipeline.plan_stages(short)] == ["teacher_short"]
+
+
+def test_table3_element_mean_long_is_the_x5_ablation_with_its_scratch_runs(tmp_path):
+  """--table3_stage1 element_mean_long: the stage 1 of ablation mean_lr_0.05_x5 (the
+  one that beat scratch), run as the grid's Table 3 with its scratch baseline."""
+  args = _args(tmp_path, t3="table3_meanlong")
+  t3 = reproduce.grid_config(args, "table3_meanlong", 0)
+  ablation = reproduce.ablation_config(args, "mean_lr_0.05_x5")
+  assert t3.fsp.to_dict() == ablation.fsp.to_dict()
+  assert t3.student.to_dict() == ablation.student.to_dict()
+  assert (t3.fsp.schedule.num_steps, t3.fsp.schedule.boundaries) == (
+      105000, (55000, 80000))
+  assert t3.baselines == ("scratch",)
+  assert reproduce.grid_config(args, "table3_meanlong", 2).fsp.checkpoint == str(
+      tmp_path / "table3_meanlong_seed0" / "fsp")
+
+
+def test_ablations_need_the_papers_table3_stage1(capsys):
+  with pytest.raises(SystemExit):
+    reproduce.main(["--table3_stage1", "element_mean_long", "--ablations", "avg_pool",
+                    "--report_only"])
+  assert "--table3_stage1 paper" in capsys.readouterr().err
 
 
 def test_each_ablation_changes_stage_one_only(tmp_path):
