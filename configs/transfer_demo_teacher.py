@@ -1,6 +1,6 @@
 """Transfer demo, part 1: a teacher for one task (CIFAR-10 classes 0-4: airplane,
 automobile, bird, cat, deer), all 25,000 training images. ResNet-14, 2,000 steps of
-batch 128 (10 epochs): about 13 minutes on 2 CPU cores.
+batch 128 (10 epochs): about 14 minutes on 2 CPU cores (82.4 % on its 5 classes).
 
     python -m fsp_jax.main --config configs/transfer_demo_teacher.py \
         --config.data.root=/tmp/cifar10 --workdir runs/demo_teacher
