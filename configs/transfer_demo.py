@@ -8,7 +8,10 @@ task) against the same student from scratch. Minutes on 2 CPU cores.
         --config.data.root=/tmp/cifar10 \
         --config.teacher.checkpoint=runs/demo_teacher/teacher --workdir runs/demo_student
 
-The teacher's classifier (5 classes) is unused: FSP takes only its section features.
+Further seeds reuse that stage 1 (Algorithm 1: one stage-1 result, several students):
+add `--config.seed=S --config.fsp.checkpoint=runs/demo_student/fsp`. The README's
+"A small transfer run" has 5 seeds' numbers. The teacher's classifier (5 classes) is
+unused: FSP takes only its section features.
 """
 from fsp_jax import config_lib
 
