@@ -441,7 +441,10 @@ def write_report(args, runs, wall_s: float) -> str:
       f"Command: `{args.command}`",
       "",
       f"Scale factor **{args.scale}** on every iteration count and learning-rate drop of "
-      f"the paper (teacher {steps_t} of 64k iterations, stage 1 {s1} of 21k, Table 1 "
+      f"the paper (teacher {steps_t} of 64k iterations, stage 1 {s1} of 21k"
+      + (" unless a table's stage 1 below is five times longer"
+         if any(tb.endswith("_meanlong") for tb in (t1, t3)) else "")
+      + ", Table 1 "
       f"stage 2 {s2} of 21k, Table 3 stage 2 {s3} of 64k); batch 128, SGD momentum 0.9, "
       "weight decay 1e-4, pad-4 random crops, the paper's learning rates (stage 1: 1e-3 "
       "with Eq. 2's sum) unless a table's stage 1 says otherwise below. "
