@@ -727,8 +727,10 @@ def main(argv=None):
   plot(args, runs, os.path.join(args.report_dir, "accuracy_vs_iteration.png"))
   report = write_report(args, runs, wall)
   report += "\n" + "\n".join(ablation_section(args, runs))
+  findings = os.path.relpath(os.path.join(REPO, "docs", "reproduction", "findings.md"),
+                             os.path.abspath(args.report_dir))
   report += ("\nThe interpretation of these numbers, written by hand: "
-             "[findings.md](findings.md).\n")
+             f"[findings.md]({findings}).\n")
   with open(os.path.join(args.report_dir, "report.md"), "w") as f:
     f.write(report)
   print(report)
