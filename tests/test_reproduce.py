@@ -32,6 +32,9 @@ def test_grid_keeps_the_papers_schedule_shape(tmp_path):
   assert (long.fsp.schedule.num_steps, long.fsp.schedule.boundaries) == (
       105000, (55000, 80000))
   assert long.baselines == ()
+  # Curve points round up: 53, 106, 159 and the final 210 (not 208 and then 210).
+  assert long.student.schedule.eval_every == 53
+  assert t3.student.schedule.eval_every == 80
   # teacher_short does not depend on stage 1: table1_short runs it alone.
   short = reproduce.grid_config(args, "table1_short", 0)
   assert [s.name for s in pipeline.plan_stages(short)] == ["teacher_short"]
