@@ -126,6 +126,9 @@ def get_config():
 
   config.eval_batch_size = 500
   config.eval_every = 2000  # steps; 0 evaluates only at the end of a stage.
+  # Test examples of the evaluations during a stage (a fixed random subset); 0: all.
+  # The final evaluation of a stage always takes the whole test set.
+  config.eval_examples = 0
   config.log_every = 100
   config.checkpoint_every = 2000
   config.max_checkpoints_to_keep = 2

@@ -436,25 +436,44 @@ class Pipeline:
           path, self.abstract_variables("teacher"), what)
     return self._teacher_variables
 
-  def evaluate(self, stage: Stage, variables, distiller_params=None) -> Dict[str, float]:
-    """Test accuracy and loss, or for a stage 1 its objective: `test_<distiller>_loss`."""
-    ds, bs = self.dataset, self.config.eval_batch_size
+  def evaluate(self, stage: Stage, variables, distiller_params=None,
+               examples: int = 0) -> Dict[str, float]:
+    """Test accuracy and loss, or for a stage 1 its objective: `test_<distiller>_loss`.
+
+    `examples` > 0 (and below the test set's size) evaluates on that many test
+    examples, a fixed random subset (the same in every call), and says so in the
+    result (`test_examples`); 0 takes the whole test set.
+    """
+    images, labels = self._test_split(examples)
+    bs = self.config.eval_batch_size
+    subset = ({"test_examples": len(labels)}
+              if len(labels) < len(self.dataset.test_labels) else {})
     model = self.models[stage.role]
     totals = None
     if stage.kind == "classify":
       step = self._eval_classify(model)
-      for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh, bs):
+      for batch in data.eval_batches(images, labels, self.mesh, bs):
         totals = train.accumulate(totals, step(variables, batch, self.mean, self.std))
       return {"test_accuracy": float(totals["correct"] / totals["count"]),
-              "test_loss": float(totals["loss"] / totals["count"])}
+              "test_loss": float(totals["loss"] / totals["count"]), **subset}
     distiller = stage_distiller(self.config, stage)
     step = self._eval_distill(model, distiller)
     teacher = self.teacher_variables()
-    for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh, bs):
+    for batch in data.eval_batches(images, labels, self.mesh, bs):
       totals = train.accumulate(totals, step(variables, distiller_params or {}, teacher,
                                              batch, self.mean, self.std))
     key = f"{distiller.name}_loss"
-    return {f"test_{key}": float(totals[key] / totals["count"])}
+    return {f"test_{key}": float(totals[key] / totals["count"]), **subset}
+
+  def _test_split(self, examples: int):
+    """`(images, labels)` of the test set, or of a fixed random subset of `examples`
+    (test sets stored class by class make a prefix the wrong sample)."""
+    ds = self.dataset
+    n = len(ds.test_labels)
+    if examples <= 0 or examples >= n:
+      return ds.test_images, ds.test_labels
+    keep = np.sort(np.random.default_rng(0).permutation(n)[:examples])
+    return ds.test_images[keep], ds.test_labels[keep]
 
   def predict(self, role: str, variables) -> np.ndarray:
     """Test-set logits `(N_test, num_classes)` of a `role` model, in inference mode."""
@@ -637,8 +656,9 @@ class Pipeline:
           metrics.write({"step": done, "learning_rate": lr, "images_per_s": ips, **m})
           t_log, step_log = now, done
         if eval_every and done % eval_every == 0 and done != total:
-          metrics.write({"step": done, **self.evaluate(stage, state.variables,
-                                                       state.distiller_params)})
+          metrics.write({"step": done, **self.evaluate(
+              stage, state.variables, state.distiller_params,
+              examples=cfg.get("eval_examples", 0))})
         if done % cfg.checkpoint_every == 0 or done == total or preempted:
           save(done)
           last_saved = done

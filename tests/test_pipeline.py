@@ -48,6 +48,26 @@ def test_tiny_pipeline_end_to_end(tmp_path):
   assert again == results
 
 
+def test_evaluations_during_a_stage_can_take_a_fixed_test_subset(tmp_path):
+  config = tiny_config()
+  config.teacher_only = True
+  config.eval_examples = 60
+  p = pipeline.Pipeline(config, str(tmp_path))
+  results = p.run()
+  rows = [json.loads(l) for l in open(tmp_path / "teacher" / "metrics.jsonl")]
+  evals = [r for r in rows if "test_accuracy" in r]
+  assert [r["step"] for r in evals] == [4, 8, 12]
+  assert [r.get("test_examples") for r in evals] == [60, 60, None]  # Final: all.
+  assert evals[-1]["test_accuracy"] == results["teacher"]["test_accuracy"]
+  # The same random subset every time, not the first examples (class-ordered sets).
+  images, labels = p._test_split(60)
+  again, _ = p._test_split(60)
+  np.testing.assert_array_equal(images, again)
+  assert len(set(labels.tolist())) >= 8
+  assert not np.array_equal(images, p.dataset.test_images[:60])
+  assert p._test_split(0)[1] is p.dataset.test_labels
+
+
 def test_stage_two_starts_from_stage_one_final_weights(tmp_path):
   config = tiny_config()
   config.baselines = ()
