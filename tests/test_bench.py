@@ -37,3 +37,37 @@ def test_compare_alternates_with_the_torch_peer():
                                                "--torch_settings", "nchw"]))
   for step in bench.STEPS:
     assert out["ratio_jax_over_best_torch"][step]["median"] > 0
+
+
+def _benchmark_script(name):
+  import os
+  path = os.path.join(os.path.dirname(bench.TORCH_REFERENCE), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_winograd_probe_computes_the_same_convolution_and_gradients():
+  """The README reports the Winograd probe's speed; its values must be the layer's."""
+  import jax
+  import numpy as np
+  probe = _benchmark_script("winograd_probe")
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 8, 6, 5))
+  w = jax.random.normal(kw, (3, 3, 5, 7))
+  g = jax.random.normal(kg, (2, 8, 6, 7))
+  ref = (probe._lax(x, w), *jax.vjp(probe._lax, x, w)[1](g))
+  new = (probe.winograd_conv(x, w), *jax.vjp(probe.winograd_conv, x, w)[1](g))
+  for a, b in zip(ref, new):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_probe_lists_every_convolution_of_the_resnets():
+  probe = _benchmark_script("conv_probe") if importlib.util.find_spec("torch") else None
+  if probe is None:
+    pytest.skip("benchmarks/conv_probe.py needs torch")
+  for depth in (8, 26):
+    convs = probe.resnet_convs(depth, 128)
+    # Stem + two per residual module + two projection shortcuts.
+    assert sum(convs.values()) == 1 + 2 * 3 * (depth - 2) // 6 + 2
