@@ -465,9 +465,11 @@ class Pipeline:
     key = f"{distiller.name}_loss"
     return {f"test_{key}": float(totals[key] / totals["count"]), **subset}
 
+  @functools.lru_cache(maxsize=None)
   def _test_split(self, examples: int):
     """`(images, labels)` of the test set, or of a fixed random subset of `examples`
-    (test sets stored class by class make a prefix the wrong sample)."""
+    (test sets stored class by class make a prefix the wrong sample); drawn once per
+    size, not at every evaluation."""
     ds = self.dataset
     n = len(ds.test_labels)
     if examples <= 0 or examples >= n:
@@ -658,7 +660,7 @@ class Pipeline:
         if eval_every and done % eval_every == 0 and done != total:
           metrics.write({"step": done, **self.evaluate(
               stage, state.variables, state.distiller_params,
-              examples=cfg.get("eval_examples", 0))})
+              examples=cfg.eval_examples)})
         if done % cfg.checkpoint_every == 0 or done == total or preempted:
           save(done)
           last_saved = done

@@ -53,7 +53,7 @@ def base_overrides(config, args, seed: int):
   config.eval_every = 0
   # The curves' evaluations before the last on a fixed subset of the test set: a
   # ResNet-26 pass over all 10k images costs as much as ~40 training iterations.
-  config.eval_examples = getattr(args, "eval_examples", 0)
+  config.eval_examples = args.eval_examples
   config.log_every = args.log_every
   config.checkpoint_every = 100
   return config
@@ -392,7 +392,7 @@ def plot(args, runs, out_path: str) -> None:
       ax.fill_between(steps, accs.min(0), accs.max(0), color=color, alpha=0.2)
     ax.set_xlabel("main-task iteration" + (
         f" (points before the last: {args.eval_examples:,} test images)"
-        if getattr(args, "eval_examples", 0) else ""))
+        if args.eval_examples else ""))
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -508,7 +508,7 @@ def write_report(args, runs, wall_s: float) -> str:
          f"{args.eval_examples:,} of the 10,000 test images (binomial std. about "
          f"{100 * (0.25 / args.eval_examples) ** 0.5:.1f} points at 50 %); every "
          "accuracy in the tables is on all 10,000.", ""]
-        if getattr(args, "eval_examples", 0) else []),
+        if args.eval_examples else []),
       "## What it shows",
       "",
   ]

@@ -11,7 +11,8 @@ from fsp_jax import models, pipeline, reproduce, train
 
 def _args(tmp_path, **kw):
   base = dict(scale=0.01, data_root="", log_every=50, workdir=str(tmp_path),
-              curve_points=8, seeds=[0, 1, 2], t1="table1", t3="table3")
+              curve_points=8, eval_examples=2000, seeds=[0, 1, 2], t1="table1",
+              t3="table3")
   return argparse.Namespace(**{**base, **kw})
 
 
