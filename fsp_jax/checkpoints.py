@@ -136,6 +136,16 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def write_npy_atomic(path: str, array) -> None:
+  """`np.save`, by the same temp-file-and-rename as `write_json_atomic`."""
+  tmp = path + ".tmp.npy"
+  with open(tmp, "wb") as f:
+    np.save(f, array)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def restore_model(path: str, variables, what: str = "checkpoint"):
   """Restores `{'params', 'batch_stats'}` from the latest checkpoint under `path`.
 

@@ -31,6 +31,9 @@ def get_config():
       name="cifar10",  # tfds name.
       data_dir="",  # tfds data_dir ('' = tfds default).
       root="",  # image folder root for source='folder'.
+      # Where decoded image folders are kept for later processes ('' = nowhere): a
+      # speed setting, not part of the experiment (not in stage fingerprints).
+      cache_dir="",
       image_size=(),  # (H, W) to resize images to (folder, tfds); () keeps them.
       pad=4,  # pixels of zero padding before the random crop (paper: 4).
       flip=False,  # random horizontal flips (not in the paper).

@@ -165,21 +165,38 @@ _FOLDER_CACHE = {}
 
 
 def load_image_folder(root: str, image_size: Optional[Tuple[int, int]] = None,
-                      num_workers: int = 8) -> Dataset:
+                      num_workers: int = 8, cache_dir: str = "") -> Dataset:
   """Loads `ROOT/train/<class>/*` and `ROOT/test/<class>/*` (JPEG or PNG) into memory.
 
   Classes are the sub-folder names in sorted order (the same in both splits).
   `image_size` `(H, W)` resizes every image; without it all images must share a size.
   Decoded folders are kept for the process's lifetime (several pipelines in one
-  process, e.g. `fsp_jax.reproduce`, decode once).
+  process decode once). With `cache_dir`, the decoded arrays are also written there
+  (`folder-<key>.npz`, uncompressed) and read back by later processes, e.g. the
+  parallel workers of `fsp_jax.reproduce --jobs`: the key covers the root, the size
+  and every file's name, size and modification time, so a changed folder is decoded
+  again.
   """
   key = (os.path.abspath(root), tuple(image_size) if image_size else None)
   if key not in _FOLDER_CACHE:
-    _FOLDER_CACHE[key] = _load_image_folder(root, image_size, num_workers)
+    _FOLDER_CACHE[key] = _load_image_folder(root, image_size, num_workers, cache_dir)
   return _FOLDER_CACHE[key]
 
 
-def _load_image_folder(root, image_size, num_workers) -> Dataset:
+def _folder_cache_path(cache_dir: str, root: str, image_size, splits) -> str:
+  """`cache_dir/folder-<sha1 of the root, size and each file's name, size, mtime>.npz`."""
+  import hashlib
+  h = hashlib.sha1(repr((os.path.abspath(root), image_size)).encode())
+  for split in ("train", "test"):
+    classes, files, labels = splits[split]
+    h.update(repr(classes).encode())
+    for path, label in zip(files, labels):
+      st = os.stat(path)
+      h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return os.path.join(cache_dir, f"folder-{h.hexdigest()[:16]}.npz")
+
+
+def _load_image_folder(root, image_size, num_workers, cache_dir="") -> Dataset:
   if not os.path.isdir(root):
     raise ValueError(f"image folder {root!r} does not exist; expected ROOT/train/<class>/ "
                      "and ROOT/test/<class>/ sub-folders.")
@@ -207,6 +224,11 @@ def _load_image_folder(root, image_size, num_workers) -> Dataset:
   if splits["train"][0] != splits["test"][0]:
     raise ValueError(f"image folder {root!r}: train classes {splits['train'][0]} differ "
                      f"from test classes {splits['test'][0]}.")
+  cache = cache_dir and _folder_cache_path(cache_dir, root, image_size, splits)
+  if cache and os.path.exists(cache):
+    with np.load(cache) as z:
+      arrays = [z["train_images"], z["train_labels"], z["test_images"], z["test_labels"]]
+    return _finish(f"folder:{root}", *arrays, len(splits["train"][0]))
   arrays = []
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for split in ("train", "test"):
@@ -218,6 +240,12 @@ def _load_image_folder(root, image_size, num_workers) -> Dataset:
         raise ValueError(f"images in {root}/{split} have different sizes {sorted(shapes)[:4]}"
                          "; set the data set's image_size to resize them.")
       arrays += [np.stack(images), np.asarray(labels)]
+  if cache:  # Written whole, then renamed: a reader never sees half a file.
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **dict(zip(("train_images", "train_labels", "test_images",
+                              "test_labels"), arrays)))
+    os.replace(tmp, cache)
   return _finish(f"folder:{root}", *arrays, len(splits["train"][0]))
 
 
@@ -270,7 +298,8 @@ def load_dataset(config) -> Dataset:
   if source == "tfds":
     dataset = load_tfds(config.name, config.get("data_dir") or None, image_size=size)
   elif source == "folder":
-    dataset = load_image_folder(config.root, size)
+    dataset = load_image_folder(config.root, size,
+                                cache_dir=config.get("cache_dir") or "")
   elif source == "digits":
     size = size or (16, 16)
     if size[0] != size[1]:

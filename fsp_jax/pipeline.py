@@ -45,6 +45,7 @@ from fsp_jax.metrics import MetricsWriter
 
 log = logging.getLogger("fsp_jax")
 RESULTS = "results.json"
+TEST_LOGITS = "test_logits.npy"  # A classification stage's final test-set logits.
 BASELINES = ("scratch", "teacher_short")
 # Distillation methods (config.methods) and the stages each runs.
 METHODS = ("fsp", "fitnet", "kd")
@@ -53,6 +54,8 @@ DISTILLER_SEED = 2
 # Config fields added after the first release, left out of stage fingerprints while
 # they hold these defaults so that workdirs of earlier versions still resume.
 _NEW_DATA_DEFAULTS = {"crop_size": (), "classes": (), "train_per_class": 0}
+# Data settings that never change the data (where decoded images are cached).
+_NOT_FINGERPRINTED = ("cache_dir",)
 _LABELS = {"fsp": "FSP", "hint": "FitNet hints", "kd": "KD"}
 
 
@@ -233,8 +236,9 @@ def _legacy_fingerprint(config, stage: Stage) -> Dict[str, Any]:
   """The fingerprint of fsp_jax 0.1.0 workdirs, still accepted so they can resume."""
   spec = config[stage.role]
   data_config = {k: v for k, v in config.data.to_dict().items()
-                 if not (k in _NEW_DATA_DEFAULTS and _jsonable(v) == _jsonable(
-                     _NEW_DATA_DEFAULTS[k]))}
+                 if k not in _NOT_FINGERPRINTED and not (
+                     k in _NEW_DATA_DEFAULTS and _jsonable(v) == _jsonable(
+                         _NEW_DATA_DEFAULTS[k]))}
   fingerprint = {"stage": stage.name, "kind": stage.kind, "model": spec.model,
                  "width_multiplier": spec.width_multiplier, "data": data_config,
                  "seed": config.seed, "schedule": stage.schedule.to_dict(),
@@ -344,6 +348,15 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+@functools.lru_cache(maxsize=None)
+def _predict_fn(model):
+  """Jitted `(variables, uint8 images (B, H, W, C), mean, std) -> logits (B, K)`, one
+  per model (Linen modules compare by value): the Pipelines of an ensemble's members
+  share its compilation."""
+  return jax.jit(lambda v, images, mean, std: model.apply(
+      v, train.normalize(images, mean, std), train=False)[0])
+
+
 class Pipeline:
   """Runs the stages of one config in one workdir."""
 
@@ -437,12 +450,14 @@ class Pipeline:
     return self._teacher_variables
 
   def evaluate(self, stage: Stage, variables, distiller_params=None,
-               examples: int = 0) -> Dict[str, float]:
+               examples: int = 0, logits_path: str = "") -> Dict[str, float]:
     """Test accuracy and loss, or for a stage 1 its objective: `test_<distiller>_loss`.
 
     `examples` > 0 (and below the test set's size) evaluates on that many test
     examples, a fixed random subset (the same in every call), and says so in the
-    result (`test_examples`); 0 takes the whole test set.
+    result (`test_examples`); 0 takes the whole test set. With `logits_path`, a
+    classifier's test logits `(N, K)` are saved there too (`.npy`; one process only),
+    what `test_logits` reads back for ensembles.
     """
     images, labels = self._test_split(examples)
     bs = self.config.eval_batch_size
@@ -451,9 +466,16 @@ class Pipeline:
     model = self.models[stage.role]
     totals = None
     if stage.kind == "classify":
-      step = self._eval_classify(model)
+      with_logits = bool(logits_path) and jax.process_count() == 1
+      step = self._eval_classify(model, with_logits)
+      logits = []
       for batch in data.eval_batches(images, labels, self.mesh, bs):
-        totals = train.accumulate(totals, step(variables, batch, self.mean, self.std))
+        sums = step(variables, batch, self.mean, self.std)
+        if with_logits:
+          logits.append(np.asarray(jax.device_get(sums.pop("logits"))))
+        totals = train.accumulate(totals, sums)
+      if with_logits:
+        checkpoints.write_npy_atomic(logits_path, np.concatenate(logits)[:len(labels)])
       return {"test_accuracy": float(totals["correct"] / totals["count"]),
               "test_loss": float(totals["loss"] / totals["count"]), **subset}
     distiller = stage_distiller(self.config, stage)
@@ -479,11 +501,9 @@ class Pipeline:
 
   def predict(self, role: str, variables) -> np.ndarray:
     """Test-set logits `(N_test, num_classes)` of a `role` model, in inference mode."""
-    model = self.models[role]
-    fn = jax.jit(lambda v, b: model.apply(v, train.normalize(b["image"], self.mean,
-                                                             self.std), train=False)[0])
+    fn = _predict_fn(self.models[role])
     ds = self.dataset
-    out = [np.asarray(jax.device_get(fn(variables, batch)))
+    out = [np.asarray(jax.device_get(fn(variables, batch["image"], self.mean, self.std)))
            for batch in data.eval_batches(ds.test_images, ds.test_labels, self.mesh,
                                           self.config.eval_batch_size)]
     return np.concatenate(out)[:len(ds.test_labels)]
@@ -493,9 +513,20 @@ class Pipeline:
     return checkpoints.restore_model(self.stage_dir(stage_name),
                                      self.abstract_variables(role))[0]
 
+  def test_logits(self, stage_name: str, role: str) -> np.ndarray:
+    """Test-set logits `(N_test, K)` of a finished classification stage: those its final
+    evaluation saved, else computed from its final checkpoint."""
+    path = os.path.join(self.stage_dir(stage_name), TEST_LOGITS)
+    if os.path.exists(path):
+      logits = np.load(path)
+      if logits.shape == (len(self.dataset.test_labels), self.models[role].num_classes):
+        return logits
+    return self.predict(role, self.final_variables(stage_name, role))
+
   @functools.lru_cache(maxsize=None)
-  def _eval_classify(self, model):
-    return jax.jit(functools.partial(train.eval_classify_step, model.apply))
+  def _eval_classify(self, model, with_logits: bool = False):
+    return jax.jit(functools.partial(train.eval_classify_step, model.apply,
+                                     with_logits=with_logits))
 
   @functools.lru_cache(maxsize=None)
   def _eval_distill(self, model, distiller):
@@ -672,7 +703,8 @@ class Pipeline:
       mngr.wait_until_finished()
     finally:
       mngr.close()  # Waits for a save in flight: the last good checkpoint completes.
-    final = self.evaluate(stage, state.variables, state.distiller_params)
+    final = self.evaluate(stage, state.variables, state.distiller_params,
+                          logits_path=os.path.join(stage_dir, TEST_LOGITS))
     wall = wall_before + time.time() - t_stage
     metrics.write({"step": total, **final})
     result = {"kind": stage.kind, "model": cfg[stage.role].model, "steps": total,

@@ -243,15 +243,19 @@ def jit_teacher_targets(teacher_apply, distiller):
   return jax.jit(fn)
 
 
-def eval_classify_step(apply_fn, variables, batch, mean, std):
-  """Sums over the real (mask 1) examples: correct predictions, loss, count."""
+def eval_classify_step(apply_fn, variables, batch, mean, std, with_logits=False):
+  """Sums over the real (mask 1) examples: correct predictions, loss, count; with
+  `with_logits`, also the batch's `logits` `(B, K)` (padding rows included)."""
   images = normalize(batch["image"], mean, std)
   logits, _ = apply_fn(variables, images, train=False)
   mask = batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
-          "count": jnp.sum(mask)}
+  out = {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
+         "count": jnp.sum(mask)}
+  if with_logits:
+    out["logits"] = logits
+  return out
 
 
 def eval_distill_step(apply_fn, variables, distiller_params, teacher_variables, batch,

@@ -180,3 +180,42 @@ def test_select_keeps_classes_and_few_training_examples():
     data.select(ds, classes=(3, 10))
   with pytest.raises(ValueError, match="fewer than train_per_class"):
     data.select(ds, classes=(1,), train_per_class=1000)
+
+
+def test_image_folder_cache_is_read_back_and_keyed_on_the_files(tmp_path):
+  from PIL import Image
+  root, cache = tmp_path / "folder", tmp_path / "cache"
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 3), ("test", 2)):
+    for cls in ("a", "b"):
+      (root / split / cls).mkdir(parents=True)
+      for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            root / split / cls / f"{k}.png")
+  first = data._load_image_folder(str(root), None, 2, str(cache))
+  files = list(cache.glob("folder-*.npz"))
+  assert len(files) == 1
+  again = data._load_image_folder(str(root), None, 2, str(cache))
+  np.testing.assert_array_equal(again.train_images, first.train_images)
+  np.testing.assert_array_equal(again.test_labels, first.test_labels)
+  assert again.num_classes == 2
+  # Read from the cache, not the images: poison the cached arrays and see them come back.
+  with np.load(files[0]) as z:
+    arrays = dict(z)
+  arrays["train_images"] = np.zeros_like(arrays["train_images"])
+  np.savez(files[0], **arrays)
+  assert not data._load_image_folder(str(root), None, 2, str(cache)).train_images.any()
+  # A changed image is another key: decoded again, from the files.
+  Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(root / "train" / "a" / "0.png")
+  changed = data._load_image_folder(str(root), None, 2, str(cache))
+  assert (changed.train_images[0] == 7).all() and changed.train_images[1:].any()
+  assert len(list(cache.glob("folder-*.npz"))) == 2
+
+
+def test_cache_dir_is_not_part_of_a_stage_fingerprint():
+  from fsp_jax import config_lib, pipeline
+  config = config_lib.get_config()
+  stage = pipeline.plan_stages(config)[0]
+  before = pipeline.fingerprint(config, stage, [stage])
+  config.data.cache_dir = "/somewhere"
+  assert pipeline.fingerprint(config, stage, [stage]) == before

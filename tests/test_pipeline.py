@@ -66,6 +66,14 @@ def test_evaluations_during_a_stage_can_take_a_fixed_test_subset(tmp_path):
   assert len(set(labels.tolist())) >= 8
   assert not np.array_equal(images, p.dataset.test_images[:60])
   assert p._test_split(0)[1] is p.dataset.test_labels
+  # The final evaluation saved the test logits (for ensembles): those of the final
+  # weights, and the accuracy they give is the stage's.
+  saved = np.load(tmp_path / "teacher" / pipeline.TEST_LOGITS)
+  computed = p.predict("teacher", p.final_variables("teacher", "teacher"))
+  np.testing.assert_allclose(saved, computed, rtol=1e-5, atol=1e-5)
+  assert np.mean(saved.argmax(-1) == p.dataset.test_labels) == pytest.approx(
+      results["teacher"]["test_accuracy"])
+  np.testing.assert_array_equal(p.test_logits("teacher", "teacher"), saved)
 
 
 def test_stage_two_starts_from_stage_one_final_weights(tmp_path):

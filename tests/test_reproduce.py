@@ -1,5 +1,7 @@
 """The reproduction grid's configs and ablations (fsp_jax.reproduce), without training."""
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +106,98 @@ def test_scaling_conv_kernels_keeps_the_function():
   np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
   for u, v in zip(fa, fb):
     np.testing.assert_allclose(jnp.asarray(v), jnp.asarray(u), rtol=1e-3, atol=1e-4)
+
+
+def test_grid_plan_runs_each_run_after_the_runs_it_reads(tmp_path):
+  args = _args(tmp_path, t1="table1_meanlong", t3="table3_meanlong")
+  plan = reproduce.grid_plan(args)
+  names = [r.name for r in plan]
+  assert names == ["teacher"] + [f"table3_meanlong_seed{s}" for s in (0, 1, 2)] + [
+      f"table1_meanlong_seed{s}" for s in (0, 1, 2)] + [
+      f"table1_short_seed{s}" for s in (0, 1, 2)]
+  after = {r.name: r.after for r in plan}
+  assert after["table3_meanlong_seed0"] == after["table1_meanlong_seed0"] == ("teacher",)
+  assert after["table1_meanlong_seed2"] == ("table1_meanlong_seed0",)
+  assert after["teacher"] == after["table1_short_seed1"] == ()
+  for k, run in enumerate(plan):  # One process can run them in this order.
+    assert set(run.after) <= set(names[:k])
+    # What a run reads is what `after` names: the teacher checkpoint, or the stage 1 of
+    # the first seed of its table.
+    if "fsp" in run.config.methods and run.config.fsp.checkpoint:
+      assert os.path.dirname(run.config.fsp.checkpoint) == str(tmp_path / run.after[0])
+
+
+def test_core_groups_split_the_allowed_cores(monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7}, raising=False)
+  assert reproduce.core_groups(2) == [[4, 5], [6, 7]]
+  assert reproduce.core_groups(3) == [[4], [5], [6]]
+  with pytest.raises(ValueError, match="--jobs 5 exceeds the 4 CPU cores"):
+    reproduce.core_groups(5)
+
+
+def _fake_grid(monkeypatch, tmp_path, runs, exit_codes):
+  """run_grid_parallel over fake runs: each worker logs its start and end times to
+  events.txt, sleeps, and exits with `exit_codes.get(name, 0)`."""
+  monkeypatch.setattr(reproduce, "grid_plan", lambda args: [
+      reproduce.GridRun(name, None, after) for name, after in runs])
+  monkeypatch.setattr(reproduce, "core_groups", lambda jobs: [None] * jobs)
+  ablations = []
+  monkeypatch.setattr(reproduce, "run_ablations", ablations.append)
+  events = tmp_path / "events.txt"
+  script = ("import sys, time; n, rc = sys.argv[1], int(sys.argv[2]); "
+            f"f = open({str(events)!r}, 'a'); f.write(f'start {{n}} {{time.time()}}\\n'); "
+            "f.flush(); time.sleep(0.3); f.write(f'end {n} {time.time()}\\n'); "
+            "sys.exit(rc)")
+
+  def command(argv, run):
+    return [sys.executable, "-c", script, run.name, str(exit_codes.get(run.name, 0))]
+  args = _args(tmp_path, jobs=2)
+  return args, command, events, ablations
+
+
+def _read_events(events):
+  out = {}
+  for line in events.read_text().splitlines():
+    kind, name, t = line.split()
+    out[(kind, name)] = float(t)
+  return out
+
+
+def test_parallel_grid_starts_runs_after_what_they_read_two_at_a_time(
+    monkeypatch, tmp_path):
+  runs = [("teacher", ()), ("t3_seed0", ("teacher",)), ("t3_seed1", ("t3_seed0",)),
+          ("t1_seed0", ("teacher",)), ("short0", ()), ("short1", ())]
+  args, command, events, ablations = _fake_grid(monkeypatch, tmp_path, runs, {})
+  reproduce.run_grid_parallel(args, ["--jobs", "2"], command=command, poll_s=0.02)
+  ev = _read_events(events)
+  assert {n for _, n in ev} == {n for n, _ in runs}
+  for name, after in runs:
+    for dep in after:
+      assert ev[("start", name)] >= ev[("end", dep)]
+  # Never more than two at a time, and two at once while possible (teacher + short0).
+  times = sorted((t, +1 if kind == "start" else -1) for (kind, _), t in ev.items())
+  level = np.cumsum([d for _, d in times])
+  assert level.max() == 2
+  assert ev[("start", "short0")] < ev[("end", "teacher")]
+  assert ablations == [args]
+  assert (tmp_path / "logs" / "t1_seed0.log").exists()
+
+
+def test_parallel_grid_skips_what_reads_a_diverged_run_and_stops_on_errors(
+    monkeypatch, tmp_path):
+  runs = [("teacher", ()), ("t1_seed0", ("teacher",)), ("t1_seed1", ("t1_seed0",)),
+          ("short0", ())]
+  args, command, events, _ = _fake_grid(
+      monkeypatch, tmp_path, runs, {"t1_seed0": reproduce.EXIT_DIVERGED})
+  reproduce.run_grid_parallel(args, [], command=command, poll_s=0.02)
+  assert {n for _, n in _read_events(events)} == {"teacher", "t1_seed0", "short0"}
+
+  events.unlink()
+  args, command, events, ablations = _fake_grid(monkeypatch, tmp_path, runs,
+                                                {"teacher": 1})
+  with pytest.raises(RuntimeError, match="grid run teacher failed .exit status 1.; "
+                                         "its log: .*teacher.log"):
+    reproduce.run_grid_parallel(args, [], command=command, poll_s=0.02)
+  started = {n for k, n in _read_events(events) if k == "start"}
+  assert "t1_seed0" not in started and "t1_seed1" not in started
+  assert ablations == []
