@@ -52,12 +52,28 @@ class Dataset:
     return tuple(self.test_images.shape[1:])
 
 
+def channel_mean_std(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std `(C,)` (float64; std 1 where 0) of uint8 `(..., C)`.
+
+  From each channel's 256-bin histogram: exact, and without the float copy of the
+  images (1.2 GB for CIFAR's 50k training images, seconds of a worker's start-up).
+  """
+  flat = images.reshape(-1, images.shape[-1])
+  levels = np.arange(256, dtype=np.float64)
+  mean, std = [], []
+  for c in range(flat.shape[1]):
+    p = np.bincount(flat[:, c], minlength=256) / len(flat)
+    m = p @ levels
+    mean.append(m)
+    std.append(np.sqrt(p @ (levels - m) ** 2))
+  mean, std = np.asarray(mean), np.asarray(std)
+  return mean, np.where(std > 0, std, 1.0)
+
+
 def _finish(name, train_images, train_labels, test_images, test_labels,
             num_classes) -> Dataset:
   train_images = np.ascontiguousarray(train_images, np.uint8)
-  flat = train_images.reshape(-1, train_images.shape[-1]).astype(np.float64)
-  mean, std = flat.mean(0), flat.std(0)
-  std = np.where(std > 0, std, 1.0)
+  mean, std = channel_mean_std(train_images)
   return Dataset(train_images, np.asarray(train_labels, np.int32),
                  np.ascontiguousarray(test_images, np.uint8),
                  np.asarray(test_labels, np.int32), int(num_classes),

@@ -111,8 +111,9 @@ def grid_config(args, table: str, seed: int):
 
 
 # Stage-1 ablations of Table 3 (ResNet-26 -> ResNet-8, seed 0, one run each), the known
-# disagreements between implementations. Each entry changes the grid's stage 1 only;
-# the reference rows are the grid's own Table 3 seed-0 runs (paper stage 1, scratch).
+# disagreements between implementations. Each entry changes the grid's Table 3 stage 1
+# (--table3_stage1: the paper's, or the element-mean one) in one respect; the reference
+# rows are the grid's own Table 3 seed-0 runs (its stage 1, scratch).
 ABLATIONS = {
     "lr_1e-4": ("stage-1 LR 1e-4 / 1e-5 / 1e-6 (10x below the paper)",
                 {"learning_rates": (1e-4, 1e-5, 1e-6)}),
@@ -128,8 +129,11 @@ ABLATIONS = {
     # The paper's stage-1 result itself, every convolution kernel then scaled back to
     # its initial norm: the same function (each kernel feeds batch norm), the next
     # stage's effective learning rate restored. Tests the cause, not a variant.
-    "renorm_kernels": ("the paper's stage-1 result, each conv kernel scaled back to "
+    "renorm_kernels": ("the grid's stage-1 result, each conv kernel scaled back to "
                        "its initial norm (same function)", {"renorm": True}),
+    # The element-mean stage 1 at the low end of the re-implementations' LRs.
+    "lr_0.02": ("stage-1 LR 0.02 / 0.002 / 0.0002", {"learning_rates": (0.02, 0.002,
+                                                                      0.0002)}),
 }
 RENORMALIZED = "fsp_renormalized"  # The renorm_kernels ablation's stage-1 weights.
 
@@ -147,10 +151,11 @@ def ablation_dir(args, name: str, seed=None) -> str:
 
 
 def ablation_config(args, name: str, seed=None):
-  """The Table 3 config (first seed unless `seed`) with ablation `name`'s stage 1, FSP
-  student only; other seeds start from the first seed's stage-1 result."""
+  """The grid's Table 3 config (`args.t3`; first seed unless `seed`) with ablation
+  `name`'s change to its stage 1, FSP student only; other seeds start from the first
+  seed's stage-1 result."""
   seed = args.seeds[0] if seed is None else seed
-  config = grid_config(args, "table3", seed)
+  config = grid_config(args, args.t3, seed)
   change = ABLATIONS[name][1]
   config.baselines = ()
   config.fsp.checkpoint = ("" if seed == args.seeds[0] else
@@ -183,7 +188,7 @@ def stage_one_weights(args, run_name: str):
   """(initial, stage-1 result) student variables of a Table 3 run or ablation."""
   from fsp_jax import checkpoints, pipeline
   wd = os.path.abspath(args.workdir)
-  config = (grid_config(args, "table3", args.seeds[0]) if run_name.startswith("table3")
+  config = (grid_config(args, args.t3, args.seeds[0]) if run_name.startswith("table3")
             else ablation_config(args, run_name[len("ablation_"):]))
   p = pipeline.Pipeline(config, os.path.join(wd, run_name))
   path = config.fsp.checkpoint or os.path.join(wd, run_name, "fsp")
@@ -192,15 +197,15 @@ def stage_one_weights(args, run_name: str):
 
 
 def write_renormalized(args, name: str) -> None:
-  """The renorm_kernels ablation's stage-1 weights: the grid's seed-0 stage-1 result
-  with each convolution kernel scaled to its norm at initialisation."""
+  """The renorm_kernels ablation's stage-1 weights: the grid's Table 3 seed-0 stage-1
+  result with each convolution kernel scaled to its norm at initialisation."""
   import jax
   import jax.numpy as jnp
   from fsp_jax import checkpoints
   out = ablation_config(args, name).fsp.checkpoint
   if checkpoints.has_checkpoints(out):
     return
-  init, final = stage_one_weights(args, f"table3_seed{args.seeds[0]}")
+  init, final = stage_one_weights(args, f"{args.t3}_seed{args.seeds[0]}")
   target = {k: jnp.linalg.norm(v) for k, v in _conv_kernels(init).items()}
 
   def rescale(path, v):
@@ -228,8 +233,7 @@ def kernel_norm_growth(args, run_name: str) -> float:
 def run_ablations(args) -> None:
   from fsp_jax import pipeline
   wd = os.path.abspath(args.workdir)
-  extra = [args.ablation_seeds] if args.ablation_seeds else []
-  for name in dict.fromkeys(args.ablations + extra):  # The seeds' stage 1 first.
+  for name in dict.fromkeys(args.ablations + args.ablation_seeds):  # Seed-0 runs first.
     t0 = time.time()
     log.info("=== ablation %s ===", name)
     run_dir = os.path.join(wd, f"ablation_{name}")
@@ -243,8 +247,7 @@ def run_ablations(args) -> None:
         json.dump({"error": str(e)}, f)
       continue
     log.info("=== ablation %s done in %.0f s", name, time.time() - t0)
-  if args.ablation_seeds:
-    name = args.ablation_seeds
+  for name in args.ablation_seeds:
     for seed in args.seeds[1:]:
       log.info("=== ablation %s, seed %d ===", name, seed)
       pipeline.run(ablation_config(args, name, seed), ablation_dir(args, name, seed))
@@ -519,12 +522,13 @@ def plot(args, runs, out_path: str) -> None:
   ts_table = teacher_short_table(args, runs)
   for ax, (table, lines, title) in zip(axes[0], panels):
     lines = [(table, stage, label, color) for stage, label, color in lines]
-    if table == "table3" and args.ablation_seeds:  # The paper's stage 1 beside it.
-      lines.append(("ablation", "student",
-                    f"FSP student, stage 1 '{args.ablation_seeds}'", "C2"))
+    if table == args.t3:  # The grid's stage 1 beside the ablations run for all seeds.
+      # Colours other than the FSP student's (C0) and scratch's (C3).
+      lines += [(("ablation", name), "student", f"FSP student, stage 1 '{name}'", color)
+                for name, color in zip(args.ablation_seeds, ("C2", "C4", "C1", "C5", "C6"))]
     for source, stage, label, color in lines:
-      if source == "ablation":
-        dirs = [os.path.join(ablation_dir(args, args.ablation_seeds, s), stage)
+      if isinstance(source, tuple):  # ("ablation", name)
+        dirs = [os.path.join(ablation_dir(args, source[1], s), stage)
                 for s in args.seeds]
         dirs = [d for d in dirs if os.path.exists(os.path.join(d, "..", "results.json"))]
       else:
@@ -721,10 +725,10 @@ def ablation_section(args, runs) -> List[str]:
   """The report's table of Table 3 stage-1 ablations that have finished."""
   wd = os.path.abspath(args.workdir)
   seed = args.seeds[0]
-  base = runs.get(f"table3_seed{seed}", {})
+  base = runs.get(f"{args.t3}_seed{seed}", {})
   rows = []
   if "student" in base:
-    rows.append(("paper (the grid's seed-0 run)", f"table3_seed{seed}"))
+    rows.append((f"{args.table3_stage1} (the grid's seed-0 run)", f"{args.t3}_seed{seed}"))
   diverged = []
   for name, (label, _) in ABLATIONS.items():
     path = os.path.join(wd, f"ablation_{name}", "results.json")
@@ -747,7 +751,8 @@ def ablation_section(args, runs) -> List[str]:
   lines = [
       "## Stage-1 ablations (Table 3, ResNet-26 -> ResNet-8, seed 0)",
       "",
-      "One change to stage 1 each; stage 2 and the scratch baseline as in the grid. "
+      f"One change each to the grid's Table 3 stage 1 (`{args.table3_stage1}`); stage 2 "
+      "and the scratch baseline as in the grid. "
       "`kernel norm x` is the norm of all the student's convolution kernels after stage 1 "
       "over their initial norm: the kernels feed batch norm, so the next stage's "
       "effective learning rate is divided by its square.",
@@ -758,7 +763,7 @@ def ablation_section(args, runs) -> List[str]:
   ]
   scratch = base.get("scratch", {}).get("test_accuracy")
   if scratch is not None:
-    sc_curve = read_curve(os.path.join(wd, f"table3_seed{seed}", "scratch"))
+    sc_curve = read_curve(os.path.join(wd, f"{args.t3}_seed{seed}", "scratch"))
     lines.append("| none: ResNet-8 from scratch | – | – | 1.00 | " +
                  " / ".join(_curve_at(sc_curve, m) for m in marks) + " | – |")
   for label, run_name in rows:
@@ -777,13 +782,16 @@ def ablation_section(args, runs) -> List[str]:
 
 
 def ablation_seeds_section(args, runs) -> List[str]:
-  """Table 3 again, FSP students with `--ablation_seeds`'s stage 1, over all seeds."""
-  name = args.ablation_seeds
-  if not name:
-    return []
+  """Table 3 again for each of `--ablation_seeds`: FSP students with its stage 1, over
+  all seeds."""
+  return [line for name in args.ablation_seeds
+          for line in _ablation_seeds_table(args, runs, name)]
+
+
+def _ablation_seeds_table(args, runs, name: str) -> List[str]:
   seeds = [s for s in args.seeds if os.path.exists(
       os.path.join(ablation_dir(args, name, s), "results.json"))]
-  scratch_seeds = finished(runs, "table3", "scratch", args.seeds)
+  scratch_seeds = finished(runs, args.t3, "scratch", args.seeds)
   if len(seeds) < 2 or len(scratch_seeds) < 2:
     return []
   accs = []
@@ -791,10 +799,10 @@ def ablation_seeds_section(args, runs) -> List[str]:
     with open(os.path.join(ablation_dir(args, name, seed), "results.json")) as f:
       accs.append(json.load(f)["student"]["test_accuracy"])
   accs = np.asarray(accs)
-  sc = _accs(runs, "table3", "scratch", scratch_seeds)
+  sc = _accs(runs, args.t3, "scratch", scratch_seeds)
   ens = ensemble_of([(ablation_config(args, name, s), ablation_dir(args, name, s))
                      for s in seeds], "student", "student")
-  sc_ens = ensemble_accuracy(args, "table3", "scratch", "student", scratch_seeds)
+  sc_ens = ensemble_accuracy(args, args.t3, "scratch", "student", scratch_seeds)
   total = int(round(64000 * args.scale))
   stage_one = int(round(ablation_config(args, name).fsp.schedule.num_steps * args.scale))
   return [
@@ -840,18 +848,19 @@ def main(argv=None):
                            "re-implementations' element-mean loss at LR 0.05, or that "
                            "with a stage 1 five times longer.")
   parser.add_argument("--table3_stage1", choices=tuple(STAGE1_SUFFIX), default="paper",
-                      help="Table 3's stage 1, as --table1_stage1. The ablations vary "
-                           "the paper's stage 1, so they run with 'paper' only.")
+                      help="Table 3's stage 1, as --table1_stage1; the ablations "
+                           "change this stage 1.")
   parser.add_argument("--ablations", type=lambda s: [x for x in s.split(",") if x],
                       default=None,
                       help="Table 3 stage-1 ablations to run (comma-separated; '' none; "
                            "default all with --table3_stage1 paper, else none): "
                            + ", ".join(ABLATIONS))
-  parser.add_argument("--ablation_seeds", default=None,
-                      help="An ablation to run for every seed too (its students start "
-                           "from its first seed's stage 1), reported as Table 3 again; "
-                           "'' none (default mean_lr_0.05_x5 with --table3_stage1 paper, "
-                           "else none).")
+  parser.add_argument("--ablation_seeds", type=lambda s: [x for x in s.split(",") if x],
+                      default=None,
+                      help="Ablations to run for every seed too (comma-separated; their "
+                           "students start from their first seed's stage 1), each "
+                           "reported as Table 3 again; '' none (default mean_lr_0.05_x5 "
+                           "with --table3_stage1 paper, else none).")
   parser.add_argument("--note", default="",
                       help="Appended to the report's wall-time sentence, e.g. 'shared "
                            "with other jobs while it ran'.")
@@ -879,12 +888,8 @@ def main(argv=None):
   if args.ablations is None:
     args.ablations = list(ABLATIONS) if paper_t3 else []
   if args.ablation_seeds is None:
-    args.ablation_seeds = "mean_lr_0.05_x5" if paper_t3 else ""
-  if not paper_t3 and (args.ablations or args.ablation_seeds):
-    parser.error("the ablations change the paper's stage 1 of Table 3: run them with "
-                 "--table3_stage1 paper (in a workdir of their own), or pass "
-                 "--ablations '' --ablation_seeds ''.")
-  unknown = set(args.ablations + [args.ablation_seeds]) - set(ABLATIONS) - {""}
+    args.ablation_seeds = ["mean_lr_0.05_x5"] if paper_t3 else []
+  unknown = set(args.ablations + args.ablation_seeds) - set(ABLATIONS)
   if unknown:
     parser.error(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}.")
   args.command = "python -m fsp_jax.reproduce " + " ".join(

@@ -219,3 +219,13 @@ def test_cache_dir_is_not_part_of_a_stage_fingerprint():
   before = pipeline.fingerprint(config, stage, [stage])
   config.data.cache_dir = "/somewhere"
   assert pipeline.fingerprint(config, stage, [stage]) == before
+
+
+def test_channel_mean_std_from_histograms_equals_numpys():
+  images = np.random.default_rng(0).integers(0, 256, (37, 5, 6, 3), dtype=np.uint8)
+  images[..., 2] = 9  # A constant channel: std 1, not 0.
+  mean, std = data.channel_mean_std(images)
+  flat = images.reshape(-1, 3).astype(np.float64)
+  np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(std[:2], flat.std(0)[:2], rtol=1e-9)
+  assert std[2] == 1.0

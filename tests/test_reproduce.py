@@ -48,7 +48,7 @@ def test_table3_element_mean_long_is_the_x5_ablation_with_its_scratch_runs(tmp_p
   one that beat scratch), run as the grid's Table 3 with its scratch baseline."""
   args = _args(tmp_path, t3="table3_meanlong")
   t3 = reproduce.grid_config(args, "table3_meanlong", 0)
-  ablation = reproduce.ablation_config(args, "mean_lr_0.05_x5")
+  ablation = reproduce.ablation_config(_args(tmp_path), "mean_lr_0.05_x5")  # On paper.
   assert t3.fsp.to_dict() == ablation.fsp.to_dict()
   assert t3.student.to_dict() == ablation.student.to_dict()
   assert (t3.fsp.schedule.num_steps, t3.fsp.schedule.boundaries) == (
@@ -58,11 +58,20 @@ def test_table3_element_mean_long_is_the_x5_ablation_with_its_scratch_runs(tmp_p
       tmp_path / "table3_meanlong_seed0" / "fsp")
 
 
-def test_ablations_need_the_papers_table3_stage1(capsys):
-  with pytest.raises(SystemExit):
-    reproduce.main(["--table3_stage1", "element_mean_long", "--ablations", "avg_pool",
-                    "--report_only"])
-  assert "--table3_stage1 paper" in capsys.readouterr().err
+def test_ablations_change_the_grids_own_table3_stage1(tmp_path):
+  """On the element-mean grid an ablation keeps its loss scale and 5x length and changes
+  one thing (here the LRs); renorm_kernels rescales that grid's stage-1 result."""
+  args = _args(tmp_path, t3="table3_meanlong")
+  base = reproduce.grid_config(args, "table3_meanlong", 0)
+  lr = reproduce.ablation_config(args, "lr_0.02")
+  assert lr.fsp.schedule.learning_rates == (0.02, 0.002, 0.0002)
+  assert lr.fsp.weights == base.fsp.weights
+  assert (lr.fsp.schedule.num_steps, lr.fsp.schedule.boundaries) == (
+      base.fsp.schedule.num_steps, base.fsp.schedule.boundaries)
+  assert lr.baselines == ()  # The grid's scratch runs are the reference.
+  renorm = reproduce.ablation_config(args, "renorm_kernels")
+  assert renorm.fsp.checkpoint == str(tmp_path / "ablation_renorm_kernels" /
+                                      reproduce.RENORMALIZED)
 
 
 def test_each_ablation_changes_stage_one_only(tmp_path):
@@ -84,9 +93,10 @@ def test_each_ablation_changes_stage_one_only(tmp_path):
   assert reproduce.ablation_dir(args, "avg_pool", 2).endswith("ablation_avg_pool_seed2")
 
 
-def test_unknown_ablation_is_a_clear_error(capsys):
+@pytest.mark.parametrize("flag", ["--ablations", "--ablation_seeds"])
+def test_unknown_ablation_is_a_clear_error(capsys, flag):
   with pytest.raises(SystemExit):
-    reproduce.main(["--ablations", "nope", "--report_only"])
+    reproduce.main([flag, "renorm_kernels,nope", "--report_only"])
   assert "unknown ablations ['nope']" in capsys.readouterr().err
 
 
