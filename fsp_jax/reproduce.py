@@ -362,7 +362,7 @@ def run_grid_parallel(args, argv: List[str], command=worker_command,
 
   Why: XLA:CPU spreads one CIFAR-sized step over two cores at about 65 % efficiency
   (ResNet-8: 550 images/s on two cores against 420 on one), so two runs on one core
-  each do 1.3-1.5x the work of one run on two. Workers are this module again
+  each do 1.2-1.5x the work of one run on two. Workers are this module again
   (`--run NAME`, every other flag the same); each logs to `WORKDIR/logs/NAME.log`.
   The stage-1 ablations, if any, run afterwards in this process. `command(argv, run)`
   gives a worker's command line (tests replace it).
