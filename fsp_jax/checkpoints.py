@@ -123,27 +123,25 @@ def write_stage_info(stage_dir: str, info: Dict[str, Any]) -> None:
   write_json_atomic(os.path.join(stage_dir, STAGE_INFO), info)
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON so that readers (and a kill) see the old file or the new, never half.
-
-  The text goes to `path.tmp`, is flushed to disk, then renamed over `path`.
-  """
+def _write_atomic(path: str, write, mode: str) -> None:
+  """`write(f)` into `path.tmp`, flushed to disk, then renamed over `path`: readers
+  (and a kill) see the old file or the new, never half."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
+  with open(tmp, mode) as f:
+    write(f)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON atomically (`_write_atomic`)."""
+  _write_atomic(path, lambda f: json.dump(obj, f, indent=1, sort_keys=True), "w")
 
 
 def write_npy_atomic(path: str, array) -> None:
-  """`np.save`, by the same temp-file-and-rename as `write_json_atomic`."""
-  tmp = path + ".tmp.npy"
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """`np.save` to `path` atomically (`_write_atomic`)."""
+  _write_atomic(path, lambda f: np.save(f, array), "wb")
 
 
 def restore_model(path: str, variables, what: str = "checkpoint"):
