@@ -2,12 +2,12 @@
 
     from fsp_jax import fsp_matrix, fsp_loss
     g = fsp_matrix(f1, f2)             # (B, H, W, m), (B, H', W', n) -> (B, m, n)
-    loss = fsp_loss(teacher_features, student_features)
+    loss = fsp_loss(teacher_features, student_features, fsp_pairs)
 """
 from fsp_jax.fsp import (default_fsp_pairs, fsp_distance, fsp_loss, fsp_matrices,
                          fsp_matrix)
-from fsp_jax.models import MODELS, ResNet, create_model
+from fsp_jax.models import MODELS, Network, ResNet, create_model
 
 __all__ = ["fsp_matrix", "fsp_matrices", "fsp_loss", "fsp_distance",
-           "default_fsp_pairs", "ResNet", "create_model", "MODELS"]
-__version__ = "0.1.0"
+           "default_fsp_pairs", "ResNet", "Network", "create_model", "MODELS"]
+__version__ = "0.2.0"

@@ -45,13 +45,12 @@ def manager(stage_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, state,
          meta: Optional[Dict[str, Any]] = None) -> None:
-  """Saves a TrainState and a JSON `meta` dict at `step` (asynchronously).
+  """Saves a `train.TrainState` and a JSON `meta` dict at `step` (asynchronously).
 
   Call `mngr.wait_until_finished()` before relying on it.
   """
   items = dict(
-      model=ocp.args.StandardSave({"params": state.params,
-                                   "batch_stats": state.batch_stats}),
+      model=ocp.args.StandardSave(state.variables),
       optimizer=ocp.args.StandardSave({"opt_state": state.opt_state,
                                        "step": state.step}),
       meta=ocp.args.JsonSave(meta or {}))
@@ -73,10 +72,8 @@ def _abstract(tree):
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, state):
-  """Restores a TrainState saved by `save`, with `state`'s shapes and shardings.
-
-  Returns `(state, meta)`; `meta` is `{}` for checkpoints written without one.
-  """
+  """Restores a `train.TrainState` saved by `save`, with `state`'s shapes and
+  shardings. Returns `(state, meta)`; `meta` is `{}` for checkpoints without one."""
   items = dict(
       model=ocp.args.StandardRestore(_abstract(state.variables)),
       optimizer=ocp.args.StandardRestore(_abstract({"opt_state": state.opt_state,
@@ -87,12 +84,11 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state):
   if state.distiller_params:
     items["distiller"] = ocp.args.StandardRestore(_abstract(state.distiller_params))
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  state = state.replace(params=restored.model["params"],
-                        batch_stats=restored.model["batch_stats"],
+  params = {"student": restored.model["params"],
+            "distiller": restored.distiller if state.distiller_params else {}}
+  state = state.replace(params=params, batch_stats=restored.model["batch_stats"],
                         opt_state=restored.optimizer["opt_state"],
-                        step=restored.optimizer["step"],
-                        distiller_params=(restored.distiller if state.distiller_params
-                                          else state.distiller_params))
+                        step=restored.optimizer["step"])
   return state, (dict(restored.meta) if has_meta else {})
 
 

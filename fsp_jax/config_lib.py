@@ -1,153 +1,91 @@
-"""The base config of every experiment: the paper's CIFAR-10 setting (teacher ResNet-26).
+"""Configs by name or path, with an argument: `NAME[:ARG]` or `PATH.py[:ARG]`.
 
-Config files in `configs/` start from `get_config()` and override a few fields; any
-field can be overridden on the command line (`--config.student.schedule.num_steps=1000`).
-Iterations and learning-rate boundaries count steps of one global batch.
+The shipped configs are the package `fsp_jax.configs` (the repository's top-level
+`configs/` folder, installed with the package): `--config cifar10_minimization` loads
+`fsp_jax/configs/cifar10_minimization.py` wherever the package is installed. As in
+big_vision, a config's `get_config(arg)` takes a string after the colon,
+`'method=fitnet,smoke'`, which it reads with `parse_arg`.
 """
+from __future__ import annotations
+
+import importlib.util
+import os
+import pkgutil
+from typing import List, Optional, Tuple
+
 import ml_collections
 
+CONFIGS_PACKAGE = "fsp_jax.configs"
 
-def schedule(num_steps, learning_rates, boundaries, batch_size=128, momentum=0.9,
-             weight_decay=1e-4, augment=True, eval_every=-1):
-  """One stage's optimisation: SGD with momentum, piecewise-constant learning rate.
 
-  eval_every: test-set evaluations every this many steps of the stage; -1 takes the
-  config's `eval_every`, 0 evaluates only at the end.
+def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
+  """A config argument `'key=value,flag'` as a ConfigDict over `defaults`.
+
+  Values take the type of their default (bool, int, float, str); a bare `flag` sets
+  a bool to True. E.g. `parse_arg('method=fitnet,smoke', method='fsp', smoke=False)`
+  -> `{'method': 'fitnet', 'smoke': True}`. Unknown keys are an error naming the known.
   """
-  return ml_collections.ConfigDict(dict(
-      num_steps=num_steps, learning_rates=tuple(learning_rates),
-      boundaries=tuple(boundaries), batch_size=batch_size, momentum=momentum,
-      weight_decay=weight_decay, augment=augment, eval_every=eval_every))
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; this config takes "
+                       f"{', '.join(sorted(defaults))}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      if has_value and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key} is a flag: give '{key}' or "
+                         f"'{key}=false', not {item!r}.")
+      out[key] = (not has_value) or value.lower() in ("true", "1")
+    elif not has_value:
+      raise ValueError(f"config argument {key!r} needs a value, e.g. "
+                       f"'{key}={defaults[key]}'.")
+    else:
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(f"config argument {item!r}: {key} takes a {kind.__name__}."
+                         ) from None
+  return out
 
 
-def get_config():
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  # Multiplies every stage's num_steps and boundaries (keeps the schedule's shape).
-  config.schedule_scale = 1.0
-
-  config.data = ml_collections.ConfigDict(dict(
-      source="tfds",  # 'tfds', 'folder' (ROOT/train/<class>/*) or 'digits' (bundled).
-      name="cifar10",  # tfds name.
-      data_dir="",  # tfds data_dir ('' = tfds default).
-      root="",  # image folder root for source='folder'.
-      # Where decoded image folders are kept for later processes ('' = nowhere): a
-      # speed setting, not part of the experiment (not in stage fingerprints).
-      cache_dir="",
-      image_size=(),  # (H, W) to resize images to (folder, tfds); () keeps them.
-      pad=4,  # pixels of zero padding before the random crop (paper: 4).
-      flip=False,  # random horizontal flips (not in the paper).
-      # (H, W): for larger images, a random-resized crop of this size replaces the
-      # pad-and-crop in training, and test images are center-cropped to it. () = off.
-      crop_size=(),
-      # A part of the data set (e.g. transfer to another task from few examples):
-      # class indices to keep, relabelled 0, 1, ... in this order (() = all), and the
-      # first N training examples of each (0 = all).
-      classes=(),
-      train_per_class=0,
-  ))
-
-  config.teacher = ml_collections.ConfigDict(dict(
-      model="cifar_resnet26",
-      width_multiplier=1,
-      # A trained teacher to restore instead of training one: a stage directory
-      # (e.g. OTHER_WORKDIR/teacher) or its checkpoints/ folder. '' trains it here.
-      checkpoint="",
-      # Weights to fine-tune in the teacher stage (e.g. an ImageNet ResNet-34 from
-      # `python -m fsp_jax.convert_torchvision`); a classifier of another size starts
-      # from random weights. '' = train from random weights.
-      pretrained="",
-      # Classes of a restored teacher trained on another task; 0 = the data set's.
-      num_classes=0,
-      # The paper: 0.1 -> 0.01 -> 0.001 at 32k and 48k, stop at 64k.
-      schedule=schedule(64000, (0.1, 0.01, 0.001), (32000, 48000)),
-  ))
-
-  config.student = ml_collections.ConfigDict(dict(
-      model="cifar_resnet26",
-      width_multiplier=1,
-      # Stage 2 (main task from the stage-1 weights): 0.1/0.01/0.001 until 11k/16k/21k.
-      schedule=schedule(21000, (0.1, 0.01, 0.001), (11000, 16000)),
-  ))
-
-  # Distillation methods to run, each with its stages (see fsp_jax.distillers):
-  # 'fsp' (stage 1 FSP -> 'student'), 'fitnet' (stage 1 hint -> 'fitnet', stage 2 with
-  # KD), 'kd' (the student from random weights with cross-entropy + KD).
-  config.methods = ("fsp",)
-
-  # Stage 1: the FSP loss only.
-  config.fsp = ml_collections.ConfigDict(dict(
-      # (i, j) indices into the features (stem, section_1, ...); () = one per section.
-      fsp_pairs=(),
-      weights=(),  # lambda per pair; () = all 1.0 (the paper: all equal).
-      pool="max",  # spatial mismatch: 'max' (paper) or 'avg'.
-      # 'sum' of squared differences over each matrix's entries (Eq. 2, the paper) or
-      # their 'mean' (PyTorch re-implementations; use LR ~0.05 with it). With 'sum',
-      # LR 1e-3 is at the edge of stability on CIFAR (docs/reproduction/findings.md).
-      reduction="sum",
-      # Beyond the paper: learned 1x1 convolutions map the student's feature maps to
-      # the teacher's channel counts, so teachers of other widths can be used.
-      adapter=False,
-      schedule=schedule(21000, (0.001, 0.0001, 0.00001), (11000, 16000)),
-      # A finished stage 1 to reuse (a stage directory, e.g. OTHER_WORKDIR/fsp): one
-      # stage-1 result initialises several students, as in the paper's Table 1.
-      checkpoint="",
-      # Compute the frozen teacher's FSP matrices once per training example and reuse
-      # them every epoch (the paper's suggestion): stage 1 then costs about one student
-      # step. Needs un-augmented stage-1 inputs (fsp.schedule.augment=False, the
-      # CIFAR-100 setting). Host memory: 4 bytes x sum(m*n) per example, e.g. CIFAR-100
-      # at 4x width: (64*64 + 64*128 + 128*256) * 4 B = 176 KiB x 50,000 = 9.0 GB.
-      cache_teacher=False,
-  ))
-
-  # FitNet (Romero et al.) stage 1: a student layer regressed onto a teacher layer.
-  config.fitnet = ml_collections.ConfigDict(dict(
-      hint_feature=2,  # teacher feature index (stem=0, section k=k): the middle.
-      guided_feature=2,  # student feature index.
-      regressor_kernel=1,  # the regressor convolution's kernel size.
-      pool="max",  # where hint and guided maps differ in spatial size.
-      # The paper's FitNet baseline: 35k iterations, LR 1e-4, 1e-5 after 25k.
-      schedule=schedule(35000, (1e-4, 1e-5), (25000,)),
-  ))
-
-  # Hinton KD, the term FitNet's stage 2 (and the 'kd' method) adds to cross-entropy:
-  # weight * KL(softmax(teacher/T) || softmax(student/T)); the paper's FitNet: T = 3,
-  # weight decaying linearly from 4 to 1 over the stage.
-  config.kd = ml_collections.ConfigDict(dict(
-      temperature=3.0,
-      weight=4.0,
-      final_weight=1.0,  # None keeps `weight` constant.
-      scale_by_t_squared=False,  # Hinton et al. multiply by T^2.
-  ))
-
-  # Extra runs for comparison: 'scratch' (the student architecture trained from random
-  # weights with the student's schedule), 'teacher_short' (the teacher architecture
-  # with the student's schedule, Table 1's "21k only" row).
-  config.baselines = ("scratch",)
-  # Train (or restore) the teacher only, e.g. to share one teacher between experiments.
-  config.teacher_only = False
-
-  config.eval_batch_size = 500
-  config.eval_every = 2000  # steps; 0 evaluates only at the end of a stage.
-  # Test examples of the evaluations during a stage (a fixed random subset); 0: all.
-  # The final evaluation of a stage always takes the whole test set.
-  config.eval_examples = 0
-  config.log_every = 100
-  config.checkpoint_every = 2000
-  config.max_checkpoints_to_keep = 2
-  config.half_precision = False  # bfloat16 activations (parameters stay float32).
-  return config
+def names() -> List[str]:
+  """The shipped configs' names."""
+  package = importlib.import_module(CONFIGS_PACKAGE)
+  return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                if not m.name.startswith("_"))
 
 
-def config_from_file(path: str):
-  """`get_config()` of another config file, for configs that extend a sibling, e.g.
-  `config_from_file(os.path.join(os.path.dirname(__file__), "cifar10_minimization.py"))`."""
-  import importlib.util
-  import os
-  name = "fsp_jax_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  if spec is None or not os.path.exists(path):
+def split(spec: str) -> Tuple[str, Optional[str]]:
+  """`'NAME:ARG'` -> `('NAME', 'ARG')`; `'NAME'` -> `('NAME', None)`."""
+  name, sep, arg = spec.partition(":")
+  return name, (arg if sep else None)
+
+
+def config_file(spec: str) -> str:
+  """The config file of `NAME[:ARG]` or `PATH[:ARG]`, with the argument kept:
+  what `ml_collections.config_flags` loads. Raises ValueError for an unknown name."""
+  name, arg = split(spec)
+  if name.endswith(".py") or os.sep in name or os.path.exists(name):
+    path = name
+  else:
+    found = importlib.util.find_spec(f"{CONFIGS_PACKAGE}.{name}") if name.isidentifier() \
+        else None
+    if found is None or found.origin is None:
+      raise ValueError(f"unknown config {name!r}; the shipped configs are "
+                       f"{', '.join(names())}; or give the path of a .py file.")
+    path = found.origin
+  return path if arg is None else f"{path}:{arg}"
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config `NAME[:ARG]` or `PATH[:ARG]`, e.g. `load('quickstart:smoke')`."""
+  path, arg = split(config_file(spec))
+  if not os.path.exists(path):
     raise ValueError(f"config file {path} does not exist.")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  module_name = "fsp_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)

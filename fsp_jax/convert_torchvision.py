@@ -2,7 +2,7 @@
 
     python -m fsp_jax.convert_torchvision resnet34-b627a593.pth OUT_DIR
 
-writes `OUT_DIR/checkpoints/0/model` (Orbax), the layout of a pipeline stage, so that
+writes `OUT_DIR/checkpoints/0/model` (Orbax), the layout of a stage directory, so that
 `--config.teacher.pretrained=OUT_DIR` fine-tunes it (a 1000-class ImageNet classifier is
 replaced by a random one of the data set's size), or, for a network already trained on
 the task, `--config.teacher.checkpoint=OUT_DIR` uses it as the teacher as it is.
@@ -10,7 +10,7 @@ the task, `--config.teacher.checkpoint=OUT_DIR` uses it as the teacher as it is.
 The ImageNet presets of `fsp_jax.models` have torchvision's layout and padding, so the
 converted network computes what the PyTorch one computes (up to float rounding) on the
 same normalised input, NHWC here and NCHW there. torchvision's ImageNet weights expect
-inputs normalised by ImageNet's mean and std; the pipeline normalises by the training
+inputs normalised by ImageNet's mean and std; training normalises by the training
 set's own statistics, which fine-tuning absorbs. Reading a .pth needs PyTorch
 (`pip install 'fsp_jax[torch]'`); nothing else here does.
 """
@@ -147,7 +147,7 @@ def convert(state_dict: Dict[str, np.ndarray]) -> Tuple[str, int, int, Dict[str,
 
 def check_against_model(model, variables) -> None:
   """Raises ValueError unless `variables` has exactly the arrays `model` expects."""
-  expected = jax.eval_shape(lambda: train.init_variables(model, jax.random.PRNGKey(0),
+  expected = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
                                                          (64, 64, 3)))
   exp = {jax.tree_util.keystr(kp): v.shape
          for kp, v in jax.tree_util.tree_flatten_with_path(expected)[0]}

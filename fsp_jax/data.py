@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import importlib.util
 import os
 import queue
@@ -566,6 +567,22 @@ def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step
 
   for step, batch in prefetch(host_batches(), prefetch_size):
     yield step, to_global(batch, mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _subset_indices(num_examples: int, examples: int) -> np.ndarray:
+  return np.sort(np.random.default_rng(0).permutation(num_examples)[:examples])
+
+
+def test_split(dataset: Dataset, examples: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """`(images, labels)` of the test set, or of a fixed random subset of `examples`
+  (test sets stored class by class make a prefix the wrong sample; the indices are
+  drawn once per size)."""
+  n = len(dataset.test_labels)
+  if examples <= 0 or examples >= n:
+    return dataset.test_images, dataset.test_labels
+  keep = _subset_indices(n, examples)
+  return dataset.test_images[keep], dataset.test_labels[keep]
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, mesh, batch_size: int):

@@ -14,8 +14,12 @@ same way and never asks which one it runs:
   from the student's outputs (train mode); the trainer averages it over the batch and
   adds the main-task cross-entropy where the stage uses labels.
 
-`logits` are `(B, K)`; `features` are the models' `(stem, section_1, ..., section_K)`,
-each channels-last `(B, H, W, C)` (ShapeDtypeStructs are enough for `init`).
+`logits` are `(B, K)`; `features` are the models' named feature maps
+`{'stem': ..., 'section1': ..., ...}`, each channels-last `(B, H, W, C)`
+(ShapeDtypeStructs are enough for `init`). Each method names the features it uses.
+
+`DISTILLERS` maps a method's name to its class; `build(name, config, feature_names)`
+makes one from its config section (`config.fsp`, `config.fitnet`, `config.kd`).
 """
 from __future__ import annotations
 
@@ -34,10 +38,10 @@ _linear_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 _relu_init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _check_index(k: int, num: int, what: str) -> None:
-  if not 0 <= k < num:
-    raise ValueError(f"{what} {k} is out of range: the network returns {num} feature "
-                     f"maps (indices 0..{num - 1}: stem, then one per section).")
+def _check_feature(name: str, features, what: str) -> None:
+  if name not in features:
+    raise ValueError(f"{what} {name!r} is not a feature of the network; its features "
+                     f"are {tuple(sorted(features))}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,8 @@ class FSP:
   """The paper's stage-1 objective (Eq. 2): match the teacher's FSP matrices.
 
   Attributes:
-    fsp_pairs: `(i, j)` feature indices; () = one pair per section.
+    fsp_pairs: `(first, last)` feature names, one pair per FSP matrix, e.g.
+      `(('stem', 'section1'), ('section1', 'section2'), ('section2', 'section3'))`.
     weights: lambda_i per pair; None = all 1.0 (the paper).
     pool: "max" (paper) or "avg" for pairs of different spatial size.
     adapter: beyond the paper, for teachers and students of different widths: a learned
@@ -55,62 +60,71 @@ class FSP:
     reduction: "sum" over each matrix's entries (Eq. 2, the paper) or "mean" (the
       re-implementations' scale, 1/(m n) of it: learning rates do not transfer).
   """
-  fsp_pairs: Tuple[Tuple[int, int], ...] = ()
+  fsp_pairs: Tuple[Tuple[str, str], ...]
   weights: Optional[Tuple[float, ...]] = None
   pool: str = "max"
   adapter: bool = False
   reduction: str = "sum"
   name = "fsp"
+  config_section = "fsp"
 
   def __post_init__(self):
     if self.reduction not in fsp.REDUCTIONS:
       raise ValueError(f"fsp.reduction={self.reduction!r} is not one of "
                        f"{fsp.REDUCTIONS}: 'sum' is the paper's Eq. 2, 'mean' the "
                        "re-implementations' scale.")
-  uses = "features"
+    if self.weights is not None and len(self.weights) != len(self.fsp_pairs):
+      raise ValueError(f"{len(self.weights)} FSP pair weights (fsp.weights) given for "
+                       f"{len(self.fsp_pairs)} fsp_pairs; give one weight per pair.")
 
-  def pairs(self, num_features: int) -> Tuple[Tuple[int, int], ...]:
-    return tuple(tuple(p) for p in self.fsp_pairs) or fsp.default_fsp_pairs(num_features)
+  @classmethod
+  def from_config(cls, section, feature_names: Sequence[str], num_steps: int = 1):
+    """From `config.fsp`; `fsp_pairs` may name features or index `feature_names`
+    (() = one pair per section)."""
+    del num_steps
+    pairs = (fsp.resolve_pairs(section.fsp_pairs, feature_names, "fsp.fsp_pairs entry")
+             if section.fsp_pairs else fsp.default_fsp_pairs(feature_names))
+    return cls(pairs, tuple(section.weights) or None, section.pool,
+               adapter=section.adapter, reduction=section.reduction)
 
-  def _indices(self, num_features: int) -> Tuple[int, ...]:
-    return tuple(sorted({k for pair in self.pairs(num_features) for k in pair}))
+  def _names(self) -> Tuple[str, ...]:
+    return tuple(sorted({k for pair in self.fsp_pairs for k in pair}))
 
-  def init(self, rng, teacher_features: Sequence[Any],
-           student_features: Sequence[Any]) -> Params:
-    """`{}`; with `adapter`, `{'adapter{k}': {'kernel': (C_student_k, C_teacher_k)}}`
-    for each feature index k that a pair uses."""
+  def init(self, rng, teacher_features, student_features) -> Params:
+    """`{}`; with `adapter`, `{'adapter_<name>': {'kernel': (C_student, C_teacher)}}`
+    for each feature a pair uses."""
     if not self.adapter:
       return {}
     params = {}
-    for k in self._indices(len(student_features)):
-      _check_index(k, min(len(teacher_features), len(student_features)), "FSP feature")
-      c_s, c_t = student_features[k].shape[-1], teacher_features[k].shape[-1]
-      params[f"adapter{k}"] = {"kernel": _linear_init(jax.random.fold_in(rng, k),
-                                                      (c_s, c_t), jnp.float32)}
+    for k, name in enumerate(self._names()):
+      _check_feature(name, teacher_features, "FSP feature")
+      _check_feature(name, student_features, "FSP feature")
+      c_s, c_t = student_features[name].shape[-1], teacher_features[name].shape[-1]
+      params[f"adapter_{name}"] = {"kernel": _linear_init(jax.random.fold_in(rng, k),
+                                                          (c_s, c_t), jnp.float32)}
     return params
 
   def teacher_targets(self, logits, features) -> Tuple[jax.Array, ...]:
     """The teacher's FSP matrices, one `(B, m, n)` per pair."""
     del logits
-    return fsp.fsp_matrices(features, self.pairs(len(features)), self.pool)
+    return fsp.fsp_matrices(features, self.fsp_pairs, self.pool)
 
-  def adapt(self, params: Params, features: Sequence[jax.Array]) -> Tuple[jax.Array, ...]:
+  def adapt(self, params: Params, features) -> Dict[str, jax.Array]:
     """The student's feature maps in the teacher's channels (as they are without
     `adapter`)."""
     if not self.adapter:
-      return tuple(features)
-    out = list(features)
-    for k in self._indices(len(features)):
-      kernel = params[f"adapter{k}"]["kernel"]
-      out[k] = jnp.einsum("bhwc,cd->bhwd", features[k].astype(jnp.float32), kernel,
-                          precision=jax.lax.Precision.HIGHEST)
-    return tuple(out)
+      return features
+    out = dict(features)
+    for name in self._names():
+      kernel = params[f"adapter_{name}"]["kernel"]
+      out[name] = jnp.einsum("bhwc,cd->bhwd", features[name].astype(jnp.float32),
+                             kernel, precision=jax.lax.Precision.HIGHEST)
+    return out
 
   def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
     """`(B,)`: sum_i lambda_i ||G_i^T - G_i^S||_F^2 of each example."""
     del logits, step
-    student = fsp.fsp_matrices(self.adapt(params, features), self.pairs(len(features)),
-                               self.pool)
+    student = fsp.fsp_matrices(self.adapt(params, features), self.fsp_pairs, self.pool)
     return fsp.fsp_distances(targets, student, self.weights, self.reduction)
 
 
@@ -125,23 +139,33 @@ class Hint:
   in spatial size, the larger is pooled down (`pool`), as for FSP.
 
   Attributes:
-    hint_feature: index into the teacher's features (2 = the end of section 2, the
-      middle of a 3-section CIFAR ResNet).
-    guided_feature: index into the student's features.
+    hint_feature: the teacher's feature ('section2', the end of section 2: the middle
+      of a 3-section CIFAR ResNet).
+    guided_feature: the student's feature.
     regressor_kernel: the regressor's kernel size (1 = a 1x1 convolution).
     pool: "max" or "avg".
   """
-  hint_feature: int = 2
-  guided_feature: int = 2
+  hint_feature: str = "section2"
+  guided_feature: str = "section2"
   regressor_kernel: int = 1
   pool: str = "max"
   name = "hint"
-  uses = "features"
+  config_section = "fitnet"
+
+  @classmethod
+  def from_config(cls, section, feature_names: Sequence[str], num_steps: int = 1):
+    """From `config.fitnet`; the features by name or index into `feature_names`."""
+    del num_steps
+    return cls(fsp.resolve_name(section.hint_feature, feature_names,
+                                "fitnet.hint_feature"),
+               fsp.resolve_name(section.guided_feature, feature_names,
+                                "fitnet.guided_feature"),
+               section.regressor_kernel, section.pool)
 
   def init(self, rng, teacher_features, student_features) -> Params:
     """`{'regressor': {'kernel': (k, k, C_guided, C_hint), 'bias': (C_hint,)}}`."""
-    _check_index(self.hint_feature, len(teacher_features), "FitNet hint_feature")
-    _check_index(self.guided_feature, len(student_features), "FitNet guided_feature")
+    _check_feature(self.hint_feature, teacher_features, "FitNet hint_feature")
+    _check_feature(self.guided_feature, student_features, "FitNet guided_feature")
     c_s = student_features[self.guided_feature].shape[-1]
     c_t = teacher_features[self.hint_feature].shape[-1]
     k = self.regressor_kernel
@@ -196,7 +220,14 @@ class KD:
   num_steps: int = 1
   scale_by_t_squared: bool = False
   name = "kd"
-  uses = "logits"
+  config_section = "kd"
+
+  @classmethod
+  def from_config(cls, section, feature_names: Sequence[str] = (), num_steps: int = 1):
+    """From `config.kd`, for a stage of `num_steps` (the weight's linear schedule)."""
+    del feature_names
+    return cls(section.temperature, section.weight, section.final_weight, num_steps,
+               section.scale_by_t_squared)
 
   def init(self, rng, teacher_features, student_features) -> Params:
     del rng, teacher_features, student_features
@@ -229,3 +260,18 @@ class KD:
 
 
 DISTILLERS = {"fsp": FSP, "hint": Hint, "kd": KD}
+
+
+def build(name: str, config, feature_names: Sequence[str] = (), num_steps: int = 1):
+  """The method `name` of `DISTILLERS`, from its section of `config`.
+
+  Args:
+    config: the experiment config (its `fsp`, `fitnet` or `kd` section is read).
+    feature_names: the student's features in network order, for fields given as
+      indices.
+    num_steps: the stage's length (KD's weight schedule).
+  """
+  if name not in DISTILLERS:
+    raise ValueError(f"unknown distiller {name!r}; choose from {sorted(DISTILLERS)}.")
+  cls = DISTILLERS[name]
+  return cls.from_config(config[cls.config_section], feature_names, num_steps)

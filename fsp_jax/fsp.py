@@ -6,13 +6,13 @@ apply directly. Feature maps are channels-last, `(B, H, W, C)`.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 POOLING = ("max", "avg")
-FspPair = Tuple[int, int]
+FspPair = Tuple  # (name, name) or (index, index)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -117,36 +117,76 @@ def fsp_matrix(f1: jax.Array, f2: jax.Array, pool: str = "max") -> jax.Array:
   return gram / (h * w)
 
 
-def default_fsp_pairs(num_features: int) -> Tuple[FspPair, ...]:
+def default_fsp_pairs(feature_names) -> Tuple[FspPair, ...]:
   """One pair per section: (stem, section 1), (section 1, section 2), ...
 
   Args:
-    num_features: length of a model's feature tuple (stem plus one per section).
+    feature_names: a network's feature names in network order (e.g. a ResNet's
+      `feature_names`, `('stem', 'section1', ...)`): name pairs; or the number of
+      features: index pairs.
   """
-  return tuple((k, k + 1) for k in range(num_features - 1))
+  if isinstance(feature_names, int):
+    feature_names = tuple(range(feature_names))
+  names = tuple(feature_names)
+  return tuple((names[k], names[k + 1]) for k in range(len(names) - 1))
 
 
-def fsp_matrices(features: Sequence[jax.Array],
-                 fsp_pairs: Optional[Sequence[FspPair]] = None,
+def resolve_pairs(fsp_pairs: Sequence[Tuple], feature_names: Sequence[str],
+                  what: str = "FSP pair") -> Tuple[Tuple[str, str], ...]:
+  """Name pairs from pairs of names or of indices into `feature_names`.
+
+  Raises ValueError naming the valid names where a name or index does not exist.
+  """
+  names = tuple(feature_names)
+  return tuple((resolve_name(i, names, what), resolve_name(j, names, what))
+               for i, j in fsp_pairs)
+
+
+def resolve_name(key, feature_names: Sequence[str], what: str = "feature") -> str:
+  """A feature name from a name or an index into `feature_names` (network order)."""
+  names = tuple(feature_names)
+  if isinstance(key, str):
+    if key in names:
+      return key
+    raise ValueError(f"{what} {key!r} is not a feature of the network; its features "
+                     f"are {names} (or indices 0..{len(names) - 1}).")
+  if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
+    return names[key]
+  raise ValueError(f"{what} {key!r} is out of range: the network returns {len(names)} "
+                   f"feature maps, {names} (indices 0..{len(names) - 1}).")
+
+
+def fsp_matrices(features, fsp_pairs: Optional[Sequence[FspPair]] = None,
                  pool: str = "max") -> Tuple[jax.Array, ...]:
-  """FSP matrices of one network for each pair of feature indices.
+  """FSP matrices of one network for each pair of features.
 
   Args:
-    features: the network's feature maps, each `(B, H_k, W_k, C_k)`; for the models of
-      this package, `(stem, section_1, ..., section_K)`.
-    fsp_pairs: `(i, j)` indices into `features`; default one pair per section.
+    features: the network's feature maps, each `(B, H_k, W_k, C_k)`: a dict by name
+      (the models of this package: `{'stem': ..., 'section1': ...}`) or a sequence.
+    fsp_pairs: `(i, j)` keys of `features` (names for a dict, indices for a sequence);
+      for a sequence, default one pair per section. A dict needs its pairs named
+      (`default_fsp_pairs(model.feature_names)`): JAX transformations return dicts
+      in sorted key order, not network order.
 
   Returns:
     one `(B, C_i, C_j)` float32 matrix per pair.
   """
-  if fsp_pairs is None:
-    fsp_pairs = default_fsp_pairs(len(features))
+  if isinstance(features, Mapping):
+    if fsp_pairs is None:
+      raise ValueError(
+          "features are a dict: name the fsp_pairs, e.g. "
+          "fsp_pairs=default_fsp_pairs(model.feature_names) for one pair per section.")
+    keys = tuple(features)
+  else:
+    keys = tuple(range(len(features)))
+    if fsp_pairs is None:
+      fsp_pairs = default_fsp_pairs(len(features))
   out = []
   for i, j in fsp_pairs:
-    if not (0 <= i < len(features) and 0 <= j < len(features)):
+    if i not in keys or j not in keys:
       raise ValueError(
-          f"FSP pair ({i}, {j}) is out of range: the network returns {len(features)} "
-          f"feature maps (indices 0..{len(features) - 1}).")
+          f"FSP pair ({i!r}, {j!r}) names a feature the network does not return; it "
+          f"returns {len(keys)} feature maps: {keys}.")
     out.append(fsp_matrix(features[i], features[j], pool))
   return tuple(out)
 
@@ -225,11 +265,13 @@ def fsp_loss(teacher_features: Sequence[jax.Array],
   """The FSP loss of Eq. 2 between a frozen teacher and a student.
 
   Args:
-    teacher_features: teacher feature maps, each `(B, H_k, W_k, C_k)`. The teacher
-      carries no gradient (stop_gradient), so only the student is trained.
-    student_features: student feature maps, same structure and channel counts at the
-      indices named by `fsp_pairs`.
-    fsp_pairs: `(i, j)` feature indices; default one pair per section.
+    teacher_features: teacher feature maps, each `(B, H_k, W_k, C_k)`, a dict by name
+      or a sequence. The teacher carries no gradient (stop_gradient), so only the
+      student is trained.
+    student_features: student feature maps, same keys and channel counts at the
+      features named by `fsp_pairs`.
+    fsp_pairs: `(i, j)` feature keys (names for dicts); default for sequences one
+      pair per section.
     weights: lambda_i per pair; default equal (1.0).
     pool: "max" (paper) or "avg" for pairs of different spatial size.
     reduction: "sum" (Eq. 2) or "mean" over each matrix's entries.
@@ -237,7 +279,7 @@ def fsp_loss(teacher_features: Sequence[jax.Array],
   Returns:
     a float32 scalar: batch mean of sum_i lambda_i ||G_i^T - G_i^S||_F^2.
   """
-  teacher_features = [jax.lax.stop_gradient(f) for f in teacher_features]
+  teacher_features = jax.tree.map(jax.lax.stop_gradient, teacher_features)
   return fsp_distance(fsp_matrices(teacher_features, fsp_pairs, pool),
                       fsp_matrices(student_features, fsp_pairs, pool), weights,
                       reduction)

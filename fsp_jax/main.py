@@ -1,25 +1,25 @@
-"""Command line: `python -m fsp_jax.main --config configs/NAME.py --workdir DIR`.
+"""Command line: `python -m fsp_jax.main --config NAME[:ARG] --workdir DIR`.
 
-Override any config field with `--config.FIELD=VALUE`, e.g.
-`--config.student.schedule.num_steps=1000`. Without `--config`, runs the quickstart
-(bundled data, whole pipeline, a few minutes on a laptop CPU).
+`--config` takes a shipped config's name (`cifar10_minimization`), or a path to a
+config file, with an optional argument after a colon (`cifar10_minimization:method=
+fitnet`, `quickstart:smoke`); without it, the quickstart runs. Override any config
+field with `--config.FIELD=VALUE`, e.g. `--config.student.schedule.num_steps=1000`.
 
 Several hosts: run the same command on every host with `--distributed` (Cloud TPU
 pods, SLURM and other clusters JAX detects), or with `--coordinator_address`,
 `--num_processes` and `--process_id`. Exit status: 0 done, 2 bad input (one line
-`fsp_jax: error: ...`), 143 stopped by SIGTERM after saving (run it again to resume).
+`fsp_jax: error: ...`), 3 training stopped on a non-finite loss, 143 stopped by
+SIGTERM after saving (run it again to resume).
 """
 import logging
 import os
-import re
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(_HERE), "configs", "quickstart.py")
+from fsp_jax import config_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/quickstart",
@@ -32,44 +32,63 @@ flags.DEFINE_string("coordinator_address", None,
                     "detection (with --num_processes and --process_id).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process run).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
-                                lock_config=True)
+flags.DEFINE_bool("debug", False, "Show Python tracebacks of errors.")
+config_flags.DEFINE_config_file(
+    "config", None, "A shipped config's name or a config file, with an optional "
+    "argument: NAME[:ARG] or PATH[:ARG]. Default: quickstart.", lock_config=True)
 
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a launcher expects of a terminated job.
 
 
-def _fail(message: str):
+def _fail(message: str, status: int = EXIT_BAD_INPUT):
   print(f"fsp_jax: error: {message}", file=sys.stderr)
-  sys.exit(EXIT_BAD_INPUT)
-
-
-def _parse_flags(argv):
-  """absl's parser, with bad flags and config fields as one-line errors."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.get("seed")  # Loads the config file now, so a bad path fails here.
-  except flags.Error as e:
-    _fail(f"{_one_line(e)}; see --helpfull for the flags.")
-  except (AttributeError, KeyError) as e:  # ml_collections: no such config field.
-    text = str(e)
-    key = re.search(r"[A-Za-z_]\w*", text)
-    key = key.group() if key else text
-    args = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-    where = f" in {args[0]}" if args else ""
-    guess = re.search(r'Did you mean \W*"(\w+)\W*"', text)
-    fix = f"did you mean {guess.group(1)!r}? " if guess else ""
-    _fail(f"unknown config field {key!r}{where}; {fix}the fields are those of "
-          "fsp_jax/config_lib.py.")
-  except (OSError, ImportError, SyntaxError) as e:
-    _fail(f"cannot load the --config file: {_one_line(e)}; give a path such as "
-          "configs/quickstart.py.")
-  return rest
+  sys.exit(status)
 
 
 def _one_line(e: BaseException) -> str:
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   return " ".join(lines[:4]) if lines else type(e).__name__
+
+
+def resolve_config_flag(argv):
+  """`argv` with `--config NAME[:ARG]` turned into the config file's path (and the
+  quickstart's where no `--config` is given), what ml_collections' flag loads."""
+  out, given = list(argv[:1]), False
+  rest = list(argv[1:])
+  while rest:
+    a = rest.pop(0)
+    if a in ("--config", "-config") and rest:
+      out += [a, config_lib.config_file(rest.pop(0))]
+      given = True
+    elif a.startswith(("--config=", "-config=")):
+      flag, _, value = a.partition("=")
+      out.append(f"{flag}={config_lib.config_file(value)}")
+      given = True
+    else:
+      out.append(a)
+  if not given:
+    out.insert(1, f"--config={config_lib.config_file('quickstart')}")
+  return out
+
+
+def _parse_flags(argv):
+  """absl's parser, with bad flags, configs and config fields as one-line errors."""
+  try:
+    rest = FLAGS(resolve_config_flag(argv))
+    FLAGS.config.get("seed")  # Loads the config file now, so a bad config fails here.
+  except flags.Error as e:
+    _fail(f"{_one_line(e)}; see --helpfull for the flags.")
+  except (AttributeError, KeyError) as e:  # ml_collections: no such config field.
+    key = str(e).strip("'\"")
+    _fail(f"unknown config field {key!r} in a --config.* override; the fields and "
+          "their defaults are those of configs/default.py (print them with "
+          "--helpfull or python -c \"from fsp_jax import config_lib; "
+          "print(config_lib.load('NAME'))\").")
+  except (ValueError, TypeError, OSError, ImportError, SyntaxError) as e:
+    _fail(f"cannot load the --config: {_one_line(e)}")
+  return rest
 
 
 def _initialize_distributed(jax) -> None:
@@ -92,27 +111,45 @@ def _initialize_distributed(jax) -> None:
     _fail(f"jax.distributed.initialize failed ({_one_line(e)[:200]}); {how}.")
 
 
+def _setup_logging(jax) -> None:
+  """fsp_jax's lines as plain text on stderr (process 0); libraries only warnings."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log = logging.getLogger("fsp_jax")
+  log.propagate = False  # No absl prefix on the lines a user reads.
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  # Progress lines from fsp_jax (process 0); libraries (Orbax, JAX) only when they warn.
-  absl_logging.set_verbosity(absl_logging.WARNING)
   # Imported after flags are parsed so that XLA_FLAGS etc. set by launchers apply.
   import jax
+  from tqdm.contrib.logging import logging_redirect_tqdm
+
+  from fsp_jax import guards, metrics, train
   _initialize_distributed(jax)
-  logging.getLogger("fsp_jax").setLevel(
-      logging.INFO if jax.process_index() == 0 else logging.WARNING)
-  from fsp_jax import pipeline
+  _setup_logging(jax)
   try:
-    results = pipeline.run(FLAGS.config, FLAGS.workdir)
-  except pipeline.Preempted as e:
+    with logging_redirect_tqdm(loggers=[logging.getLogger("fsp_jax")]):
+      results = train.run(FLAGS.config, FLAGS.workdir)
+  except guards.Preempted as e:
     print(f"fsp_jax: {e} Run the same command to resume.", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except FloatingPointError as e:
+    if FLAGS.debug:
+      raise
+    _fail(" ".join(str(e).split()), EXIT_NON_FINITE)
+  except (ValueError, FileNotFoundError) as e:
+    if FLAGS.debug:
+      raise
     _fail(" ".join(str(e).split()))  # One line, whatever the library wrote.
   if jax.process_index() == 0:
-    print(pipeline.results_table(results))
-    print(f"results: {os.path.join(os.path.abspath(FLAGS.workdir), pipeline.RESULTS)}")
+    print(metrics.results_table(results))
+    print(f"results: {os.path.join(os.path.abspath(FLAGS.workdir), metrics.RESULTS)}")
 
 
 def cli():

@@ -1,7 +1,9 @@
-"""Flax (Linen) ResNets that return `(logits, features)`.
+"""Flax (Linen) ResNets that return `(logits, features)`, and `Network`: a model with its
+input normalisation, what the training steps apply.
 
-`features` are the section boundaries FSP needs: `(stem, section_1, ..., section_K)`,
-each channels-last `(B, H, W, C)` and taken after the ReLU. Two families:
+`features` are the section boundaries FSP needs, by name: `{'stem': ..., 'section1':
+..., ..., 'sectionK': ...}`, each channels-last `(B, H, W, C)` and taken after the ReLU
+(`ResNet.feature_names` gives their order). Two families:
 
 - CIFAR ResNets as in the paper: stem BN-conv-BN-ReLU, 3 sections of `n` modules
   (conv-BN-ReLU-conv-BN, add, ReLU), widths 16/32/64 times a multiplier, depth 6n+2.
@@ -10,6 +12,7 @@ each channels-last `(B, H, W, C)` and taken after the ReLU. Two families:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Dict, Sequence, Tuple
 
@@ -69,10 +72,15 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_padding: Any = "SAME"
 
+  @property
+  def feature_names(self) -> Tuple[str, ...]:
+    """The keys of the features, in network order: `('stem', 'section1', ...)`."""
+    return ("stem",) + tuple(f"section{k + 1}" for k in range(len(self.widths)))
+
   @nn.compact
-  def __call__(self, x, train: bool = True) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+  def __call__(self, x, train: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Args: x `(B, H, W, C)` normalised images. Returns logits `(B, num_classes)` and
-    features `(stem, section_1, ..., section_K)`, each `(B, H_k, W_k, C_k)`."""
+    features `{'stem': ..., 'section1': ..., ...}`, each `(B, H_k, W_k, C_k)`."""
     if len(self.modules_per_section) != len(self.widths):
       raise ValueError(
           f"modules_per_section {tuple(self.modules_per_section)} and widths "
@@ -97,17 +105,17 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
     else:
       raise ValueError(f"stem={self.stem!r} is unknown; use 'cifar' or 'imagenet'.")
-    features = [x]
+    features = {"stem": x}
     for s, (n, width) in enumerate(zip(self.modules_per_section, self.widths)):
       for m in range(n):
         strides = 2 if (s > 0 and m == 0) else 1
         x = ResidualModule(width, strides, conv=conv, norm=norm,
                            padding=self.conv_padding,
                            name=f"section{s + 1}_module{m + 1}")(x)
-      features.append(x)
+      features[f"section{s + 1}"] = x
     pooled = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
-    return logits.astype(jnp.float32), tuple(features)
+    return logits.astype(jnp.float32), features
 
 
 def cifar_resnet(depth: int, width_multiplier: int = 1, **kwargs) -> ResNet:
@@ -149,3 +157,55 @@ def create_model(name: str, num_classes: int, width_multiplier: int = 1,
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
   return MODELS[name](width_multiplier=width_multiplier, num_classes=num_classes,
                       dtype=dtype)
+
+
+def init_variables(module: nn.Module, rng: jax.Array, image_shape) -> Dict[str, Any]:
+  """Initial `{'params', 'batch_stats'}` of `module` for images `(H, W, C)`."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = module.init(rng, dummy, train=False)
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A model as the training steps use it: the Flax module and its input normalisation.
+
+  Images enter as uint8 `(B, H, W, C)`; `apply` standardises them per channel with
+  `mean` and `std` (the training set's, 0-255 scale) before the module sees them, the
+  one place where inputs are normalised. Hashable, so jitted steps are built once per
+  network.
+
+  Attributes:
+    module: a Linen module `(x, train) -> (logits (B, K), features)`.
+    mean, std: per-channel statistics `(C,)` as tuples of floats.
+  """
+  module: nn.Module
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return self.module.num_classes
+
+  @property
+  def feature_names(self) -> Tuple[str, ...]:
+    return self.module.feature_names
+
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """uint8 `(B, H, W, C)` -> float32 standardised per channel."""
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
+
+  def init(self, rng: jax.Array, image_shape) -> Dict[str, Any]:
+    """Initial `{'params', 'batch_stats'}` for images `(H, W, C)`."""
+    return init_variables(self.module, rng, image_shape)
+
+  def apply(self, variables, images: jax.Array, train: bool = False):
+    """`(logits, features)`; in training mode (batch statistics of this batch)
+    `((logits, features), new_batch_stats)`."""
+    x = self.normalize(images)
+    if not train:
+      return self.module.apply(variables, x, train=False)
+    out, updates = self.module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return out, updates["batch_stats"]

@@ -1,4 +1,4 @@
-"""Figures from pipeline workdirs: test-accuracy curves and FSP matrices, as PNG.
+"""Figures from workdirs: test-accuracy curves and FSP matrices, as PNG.
 
     python -m fsp_jax.plots WORKDIR [WORKDIR ...] --out DIR
 
@@ -43,7 +43,7 @@ def _pyplot():
 
 
 def stage_names(workdir: str) -> List[str]:
-  """Stage directories of `workdir` that hold metrics, in pipeline order."""
+  """Stage directories of `workdir` that hold metrics, in the order they ran."""
   order = ["teacher", "fsp", "student", "scratch", "teacher_short"]
   found = [d for d in sorted(os.listdir(workdir))
            if os.path.exists(os.path.join(workdir, d, metrics.JSONL))]
@@ -67,7 +67,7 @@ def plot_accuracy(workdirs: Sequence[str], path: Optional[str] = None):
   """Test accuracy (%) against iteration per stage, and stage 1's FSP loss.
 
   Args:
-    workdirs: pipeline workdirs; stages share a colour, workdirs a line style.
+    workdirs: run directories; stages share a colour, workdirs a line style.
     path: where to save the PNG (None: only return the figure).
 
   Returns:
@@ -117,15 +117,16 @@ def _fingerprint(stage_dir: str) -> Dict[str, Any]:
 
 def fsp_snapshots(workdir: str, teacher_dir: Optional[str] = None,
                   num_images: int = 256, pool: str = "max",
-                  fsp_pairs: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, Any]:
+                  fsp_pairs: Optional[Sequence[Sequence]] = None) -> Dict[str, Any]:
   """FSP matrices of the teacher and of the student before and after stage 1.
 
   Args:
-    workdir: a pipeline workdir with an `fsp` stage.
+    workdir: a run directory with an `fsp` stage.
     teacher_dir: the teacher's stage directory; default `WORKDIR/teacher`.
     num_images: how many test images (from the first) to compute the matrices on.
     pool: spatial pooling for pairs of different size, as in the run's config.
-    fsp_pairs: `(i, j)` feature indices; default one pair per section.
+    fsp_pairs: `(first, last)` feature names (or indices); default one pair per
+      section.
 
   Returns:
     a dict: 'pairs'; 'teacher', 'init', 'stage1': per pair the batch-mean FSP matrix
@@ -135,7 +136,7 @@ def fsp_snapshots(workdir: str, teacher_dir: Optional[str] = None,
   """
   import jax
   import ml_collections
-  from fsp_jax import checkpoints, data, fsp, models, pipeline, train
+  from fsp_jax import checkpoints, data, fsp, models, stages
 
   fsp_dir = os.path.join(workdir, "fsp")
   teacher_dir = teacher_dir or os.path.join(workdir, "teacher")
@@ -147,21 +148,25 @@ def fsp_snapshots(workdir: str, teacher_dir: Optional[str] = None,
         "--teacher (the run's config.teacher.checkpoint).")
   student_fp, teacher_fp = _fingerprint(fsp_dir), _fingerprint(teacher_dir)
   dataset = data.load_dataset(ml_collections.ConfigDict(student_fp["data"]))
-  images = train.normalize(dataset.test_images[:num_images], dataset.mean, dataset.std)
+  images = dataset.test_images[:num_images]
   shape = dataset.image_shape
-
-  pairs = tuple(tuple(p) for p in fsp_pairs) if fsp_pairs else None
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def network(fp):
-    """(model, jitted variables -> FSP matrices of the test images)."""
-    model = models.create_model(fp["model"], dataset.num_classes,
-                                fp["width_multiplier"])
-    return model, jax.jit(lambda v: fsp.fsp_matrices(
-        model.apply(v, images, train=False)[1], pairs, pool))
+    """(module, jitted variables -> FSP matrices of the test images)."""
+    net = models.Network(
+        models.create_model(fp["model"], dataset.num_classes, fp["width_multiplier"]),
+        tuple(float(v) for v in dataset.mean), tuple(float(v) for v in dataset.std))
+    return net.module, jax.jit(lambda v: fsp.fsp_matrices(
+        net.apply(v, images)[1], pairs, pool))
+
+  names = models.create_model(student_fp["model"], 1).feature_names
+  fsp_pairs = fsp_pairs or student_fp.get("fsp", {}).get("fsp_pairs")  # The run's.
+  pairs = (fsp.resolve_pairs(fsp_pairs, names) if fsp_pairs
+           else fsp.default_fsp_pairs(names))
 
   def restore(model, stage_dir):
-    template = jax.eval_shape(lambda: train.init_variables(
+    template = jax.eval_shape(lambda: models.init_variables(
         model, jax.random.PRNGKey(0), shape))
     template = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), template)
@@ -171,11 +176,11 @@ def fsp_snapshots(workdir: str, teacher_dir: Optional[str] = None,
   student, student_matrices = network(student_fp)
   teacher_m = teacher_matrices(restore(teacher, teacher_dir)[0])
   stage1_vars, stage1_step = restore(student, fsp_dir)
-  # The student as the pipeline initialised stage 1 (from the seed and its role).
+  # The student as stage 1 was initialised (from the seed and its role).
   rng = jax.random.fold_in(jax.random.PRNGKey(student_fp["seed"]),
-                           pipeline.ROLE_SEED["student"])
-  init_vars = jax.jit(lambda r: train.init_variables(student, r, shape))(rng)
-  out = {"pairs": pairs or fsp.default_fsp_pairs(len(student.widths) + 1),
+                           stages.ROLE_SEED["student"])
+  init_vars = jax.jit(lambda r: models.init_variables(student, r, shape))(rng)
+  out = {"pairs": pairs,
          "stage1_step": stage1_step, "num_images": len(images),
          "teacher": [np.asarray(g.mean(0)) for g in teacher_m], "distance": {}}
   for name, variables in (("init", init_vars), ("stage1", stage1_vars)):
@@ -224,7 +229,7 @@ def plot_fsp_matrices(snapshots: Dict[str, Any], path: Optional[str] = None,
     fig.colorbar(im, ax=list(axes[row]), fraction=0.03, pad=0.01)
   total = {k: sum(v) for k, v in snapshots["distance"].items()}
   fig.suptitle(f"{title + ': ' if title else ''}FSP matrices, mean over "
-               f"{snapshots['num_images']} test images (features: stem, section 1, ...)"
+               f"{snapshots['num_images']} test images "
                f"\ntotal distance to the teacher {total['init']:.4g} at init, "
                f"{total['stage1']:.4g} after stage 1", fontsize=10)
   if path:

@@ -1,4 +1,4 @@
-"""Training and evaluation steps: small pure functions, jit-compiled by the caller.
+"""Training and evaluation: the steps, the loop of one stage, and a whole experiment.
 
 One step, `train_step`, serves every stage (the paper's Algorithm 1 and the baselines):
 - main task: softmax cross-entropy on labels (teacher, stage 2, scratch baselines),
@@ -11,68 +11,55 @@ mode).
 Data parallelism is `jax.jit` over a `Mesh` with the batch sharded along 'data' and the
 state replicated: XLA inserts the gradient all-reduce and computes BatchNorm statistics
 over the global batch (no `axis_name`, no pmap).
+
+`train_and_evaluate(exp, stage)` trains and evaluates one stage, resuming from its
+last checkpoint; `run(config, workdir)` runs (or resumes) every stage of a config. The
+data order depends only on the step, so a resumed stage computes what an uninterrupted
+one would. A kill (even SIGKILL, even mid-save) loses at most the steps since the last
+complete checkpoint; SIGTERM and non-finite losses: `fsp_jax.guards`. Several
+processes: every process runs the same steps and calls every Orbax save and restore;
+JSON files and logs come from process 0 only.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import operator
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
-from fsp_jax import distillers as distillers_lib
-from fsp_jax import fsp
+from fsp_jax import checkpoints, data, guards, metrics, stages
+from fsp_jax.models import Network
+
+log = logging.getLogger("fsp_jax")
 
 
 class TrainState(train_state.TrainState):
-  """Optimizer state, BatchNorm running statistics and a distiller's own parameters.
+  """Optimizer state and BatchNorm running statistics of a stage.
 
-  `distiller_params` (a FitNet regressor, FSP adapters; `{}` for most stages) are
-  trained by the same optimizer as `params` but are not part of the model: `variables`
-  is the model alone, what the next stage restores.
+  `params` is always `{'student': ..., 'distiller': ...}`: the trained network's
+  parameters and its stage's distiller's own (a FitNet regressor, FSP adapters; `{}`
+  for most stages), trained by one optimizer. `variables` is the network alone, what
+  the next stage restores. (The stage's network is the student's, or the teacher's
+  for the teacher stage and the `teacher_short` baseline.)
   """
   batch_stats: Any = None
-  distiller_params: Any = struct.field(default_factory=dict)
 
   @property
-  def variables(self):
-    return {"params": self.params, "batch_stats": self.batch_stats}
+  def variables(self) -> Dict[str, Any]:
+    return {"params": self.params["student"], "batch_stats": self.batch_stats}
 
   @property
-  def trainable(self):
-    """What the optimizer updates: `params`, or `{'model', 'distiller'}` params."""
-    if not self.distiller_params:
-      return self.params
-    return {"model": self.params, "distiller": self.distiller_params}
-
-  def split(self, trainable):
-    """Inverse of `trainable`: `(params, distiller_params)`."""
-    if not self.distiller_params:
-      return trainable, self.distiller_params
-    return trainable["model"], trainable["distiller"]
-
-  @classmethod
-  def create(cls, *, apply_fn, params, tx, distiller_params=None, **kwargs):
-    distiller_params = distiller_params or {}
-    trainable = ({"model": params, "distiller": distiller_params} if distiller_params
-                 else params)
-    return cls(step=0, apply_fn=apply_fn, params=params, tx=tx,
-               opt_state=tx.init(trainable), distiller_params=distiller_params, **kwargs)
-
-  def apply_gradients(self, *, grads, **kwargs):
-    """`grads` has the structure of `trainable`."""
-    if not self.distiller_params:
-      return super().apply_gradients(grads=grads, **kwargs)
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.trainable)
-    params, distiller_params = self.split(optax.apply_updates(self.trainable, updates))
-    return self.replace(step=self.step + 1, params=params,
-                        distiller_params=distiller_params, opt_state=opt_state, **kwargs)
+  def distiller_params(self):
+    return self.params["distiller"]
 
 
 def create_learning_rate_fn(learning_rates: Sequence[float],
@@ -93,31 +80,18 @@ def create_learning_rate_fn(learning_rates: Sequence[float],
   return schedule
 
 
-def create_optimizer(learning_rate_fn, momentum: float, weight_decay: float,
-                     nesterov: bool = False) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay added to the gradient (PyTorch's SGD)."""
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate_fn, momentum=momentum, nesterov=nesterov))
+def create_optimizer(learning_rate_fn, momentum: float,
+                     weight_decay: float) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient (PyTorch's SGD):
+  g' = g + wd * w; v = momentum * v + g'; w = w - lr * v."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate_fn, momentum=momentum))
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> Dict[str, Any]:
-  """Initial `{'params', 'batch_stats'}` of `model` for images `(H, W, C)`."""
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = model.init(rng, dummy, train=False)
-  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-
-
-def create_train_state(model: nn.Module, variables, tx,
-                       distiller_params=None) -> TrainState:
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables["batch_stats"], tx=tx,
-                           distiller_params=distiller_params)
-
-
-def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """uint8 `(B, H, W, C)` -> float32 standardised per channel (mean, std `(C,)`)."""
-  return (images.astype(jnp.float32) - mean) / std
+def create_train_state(network: Network, variables, tx, distiller_params=None) -> TrainState:
+  params = {"student": variables["params"], "distiller": distiller_params or {}}
+  return TrainState.create(apply_fn=network.apply, params=params, tx=tx,
+                           batch_stats=variables["batch_stats"])
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -125,30 +99,30 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def teacher_targets(teacher_apply, teacher_variables, images, distiller):
-  """What `distiller` takes from the frozen teacher (BN in inference mode), no
-  gradient."""
-  logits, features = teacher_apply(teacher_variables, images, train=False)
+def teacher_targets(teacher: Network, teacher_variables, images, distiller):
+  """What `distiller` takes from the frozen teacher (BN in inference mode) for uint8
+  `images` `(B, H, W, C)`; no gradient."""
+  logits, features = teacher.apply(teacher_variables, images)
   return jax.lax.stop_gradient(distiller.teacher_targets(logits, features))
 
 
-def train_step(state: TrainState, teacher_variables, batch, mean, std, *,
-               teacher_apply=None, distiller=None, use_labels: bool = True,
-               targets=None):
+def train_step(state: TrainState, batch, teacher_variables=None, *, student: Network,
+               teacher: Optional[Network] = None, distiller=None,
+               use_labels: bool = True):
   """One SGD step of every kind of stage. Returns the new state and metrics.
 
   Loss = cross-entropy on labels (where `use_labels`) + the batch mean of
-  `distiller.objective` (where a distiller is given). Only the student (`state`) and
-  the distiller's own parameters are differentiated; the teacher's variables are an
-  input. Where `targets` (the teacher's, cached) are given, the teacher forward pass is
-  skipped.
+  `distiller.objective` (where a distiller is given). Only `state.params` (the student
+  and the distiller's own parameters) are differentiated; the teacher's variables are
+  an input, and its BatchNorm runs in inference mode (its statistics do not move).
 
   Args:
-    state: the student's TrainState.
+    state: the stage's TrainState.
+    batch: `{'image': uint8 (B, H, W, C), 'label': int32 (B,)}`; with
+      `'teacher_targets'` (the teacher's, cached per example) the teacher is not run.
     teacher_variables: the frozen teacher's `{'params', 'batch_stats'}`, or None.
-    batch: `{'image': uint8 (B, H, W, C), 'label': int32 (B,)}`.
-    mean, std: `(C,)` per-channel normalisation.
-    teacher_apply: the teacher model's `apply`.
+    student: the network `state` trains.
+    teacher: the teacher's network (where a distiller reads it).
     distiller: a `fsp_jax.distillers` method, or None for plain classification.
     use_labels: add the main-task cross-entropy (False for stage 1).
 
@@ -158,119 +132,94 @@ def train_step(state: TrainState, teacher_variables, batch, mean, std, *,
   """
   if not use_labels and distiller is None:
     raise ValueError("a step with neither labels nor a distiller has no loss.")
-  images = normalize(batch["image"], mean, std)
+  images = batch["image"]
+  targets = batch.get("teacher_targets")
   if distiller is not None and targets is None:
-    targets = teacher_targets(teacher_apply, teacher_variables, images, distiller)
+    targets = teacher_targets(teacher, teacher_variables, images, distiller)
 
-  def loss_fn(trainable):
-    params, distiller_params = state.split(trainable)
-    (logits, features), updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
+  def loss_fn(params):
+    (logits, features), batch_stats = student.apply(
+        {"params": params["student"], "batch_stats": state.batch_stats}, images,
+        train=True)
     terms = {}
     if use_labels:
       terms["task_loss"] = cross_entropy_loss(logits, batch["label"])
     if distiller is not None:
       terms[f"{distiller.name}_loss"] = jnp.mean(distiller.objective(
-          distiller_params, targets, logits, features, state.step))
-    # A single term is the loss itself (no `0 +`): the plain classification and FSP
-    # steps compute exactly what they did before distillers were pluggable.
+          params["distiller"], targets, logits, features, state.step))
+    # A single term is the loss itself (no `0 +`).
     loss = functools.reduce(operator.add, terms.values())
-    return loss, (logits, updates["batch_stats"], terms)
+    return loss, (logits, batch_stats, terms)
 
   (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.trainable)
+      loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = {"loss": loss}
+  out = {"loss": loss}
   if use_labels:
-    metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    out["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   if len(terms) > 1:
-    metrics.update(terms)
-  return state, metrics
+    out.update(terms)
+  return state, out
 
 
-def classify_step(state: TrainState, batch, mean, std):
-  """One SGD step on softmax cross-entropy. Returns the new state and metrics."""
-  return train_step(state, None, batch, mean, std)
-
-
-def teacher_fsp_matrices(teacher_apply, teacher_variables, images, fsp_pairs, pool):
-  """The frozen teacher's FSP matrices (BN in inference mode), one `(B, m, n)` per pair."""
-  _, features = teacher_apply(teacher_variables, images, train=False)
-  return jax.lax.stop_gradient(fsp.fsp_matrices(features, fsp_pairs, pool))
-
-
-def fsp_step(state: TrainState, teacher_variables, batch, mean, std, *, teacher_apply,
-             fsp_pairs, fsp_weights, pool, teacher_matrices=None):
-  """Stage 1: one SGD step of the student on the FSP loss (Eq. 2) only.
-
-  `train_step` with the `distillers.FSP` objective and no labels. Where
-  `teacher_matrices` are given (cached), the teacher forward pass is skipped.
-  """
-  distiller = distillers_lib.FSP(tuple(fsp_pairs or ()),
-                                 tuple(fsp_weights) if fsp_weights else None, pool)
-  return train_step(state, teacher_variables, batch, mean, std,
-                    teacher_apply=teacher_apply, distiller=distiller, use_labels=False,
-                    targets=teacher_matrices)
-
-
-# The jitted steps, built here so that the pipeline and the benchmark (`fsp_jax.bench`)
-# run the very same compiled functions. The state is donated: XLA updates parameters
-# and optimizer state in place instead of copying them every step.
-def jit_train_step(teacher_apply=None, distiller=None, use_labels: bool = True,
-                   cached_targets: bool = False):
-  """`train_step` as `(state, teacher_variables, batch, mean, std) -> (state, metrics)`.
-
-  With `cached_targets`, the teacher's targets (e.g. its FSP matrices, computed once per
-  example) come in `batch['teacher_targets']` and the teacher is not run
-  (`teacher_variables` may be None).
-  """
-  def step(state, teacher_variables, batch, mean, std):
-    targets = batch["teacher_targets"] if cached_targets else None
-    return train_step(state, teacher_variables, batch, mean, std,
-                      teacher_apply=teacher_apply, distiller=distiller,
-                      use_labels=use_labels, targets=targets)
-  return jax.jit(step, donate_argnums=0)
-
-
-def jit_teacher_targets(teacher_apply, distiller):
-  """`(teacher_variables, images uint8, mean, std) -> targets`, the teacher's share of a
-  distillation step: its forward pass in inference mode and what `distiller` takes from
-  it (for FSP, its matrices, `(B, m, n)` per pair)."""
-  def fn(teacher_variables, images, mean, std):
-    return teacher_targets(teacher_apply, teacher_variables, normalize(images, mean, std),
-                           distiller)
-  return jax.jit(fn)
-
-
-def eval_classify_step(apply_fn, variables, batch, mean, std, with_logits=False):
-  """Sums over the real (mask 1) examples: correct predictions, loss, count; with
-  `with_logits`, also the batch's `logits` `(B, K)` (padding rows included)."""
-  images = normalize(batch["image"], mean, std)
-  logits, _ = apply_fn(variables, images, train=False)
+def eval_classify_step(variables, batch, *, network: Network):
+  """Sums over the real (mask 1) examples: correct predictions, loss, count."""
+  logits, _ = network.apply(variables, batch["image"])
   mask = batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  out = {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
-         "count": jnp.sum(mask)}
-  if with_logits:
-    out["logits"] = logits
-  return out
+  return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
+          "count": jnp.sum(mask)}
 
 
-def eval_distill_step(apply_fn, variables, distiller_params, teacher_variables, batch,
-                      mean, std, *, teacher_apply, distiller):
+def eval_distill_step(variables, distiller_params, teacher_variables, batch, *,
+                      network: Network, teacher: Network, distiller):
   """Sum over real (mask 1) examples of the distiller's objective (student in
   inference mode): `{'<distiller>_loss', 'count'}`."""
-  images = normalize(batch["image"], mean, std)
-  logits, features = apply_fn(variables, images, train=False)
-  targets = teacher_targets(teacher_apply, teacher_variables, images, distiller)
+  logits, features = network.apply(variables, batch["image"])
+  targets = teacher_targets(teacher, teacher_variables, batch["image"], distiller)
   per_example = distiller.objective(distiller_params, targets, logits, features, 0)
   mask = batch["mask"]
   return {f"{distiller.name}_loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
 
 
-def accumulate(totals: Optional[Dict[str, np.ndarray]], batch_sums) -> Dict[str, np.ndarray]:
+# The jitted steps, one compilation per (network, distiller): the loop and the
+# benchmarks run the very same compiled functions. The state is donated: XLA updates
+# parameters and optimizer state in place instead of copying them every step.
+@functools.lru_cache(maxsize=None)
+def jit_train_step(student: Network, teacher: Optional[Network] = None, distiller=None,
+                   use_labels: bool = True):
+  """`train_step` as `(state, batch, teacher_variables) -> (state, metrics)`."""
+  return jax.jit(functools.partial(train_step, student=student, teacher=teacher,
+                                   distiller=distiller, use_labels=use_labels),
+                 donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_teacher_targets(teacher: Network, distiller):
+  """`(teacher_variables, uint8 images) -> targets`: the teacher's share of a
+  distillation step (for FSP, its matrices, `(B, m, n)` per pair)."""
+  return jax.jit(functools.partial(teacher_targets, teacher, distiller=distiller))
+
+
+@functools.lru_cache(maxsize=None)
+def jit_predict(network: Network):
+  """`(variables, uint8 images (B, H, W, C)) -> logits (B, K)`, inference mode."""
+  return jax.jit(lambda variables, images: network.apply(variables, images)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_eval_classify(network: Network):
+  return jax.jit(functools.partial(eval_classify_step, network=network))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_eval_distill(network: Network, teacher: Network, distiller):
+  return jax.jit(functools.partial(eval_distill_step, network=network, teacher=teacher,
+                                   distiller=distiller))
+
+
+def _accumulate(totals: Optional[Dict[str, np.ndarray]], batch_sums):
   """Adds one batch's sums (device arrays) into running host totals."""
   batch_sums = jax.device_get(batch_sums)
   if totals is None:
@@ -278,19 +227,208 @@ def accumulate(totals: Optional[Dict[str, np.ndarray]], batch_sums) -> Dict[str,
   return {k: totals[k] + np.float64(v) for k, v in batch_sums.items()}
 
 
-def track_nonfinite(first_bad: Tuple[jax.Array, jax.Array], loss: jax.Array,
-                    step) -> Tuple[jax.Array, jax.Array]:
-  """`(step, loss)` of the first non-finite loss seen so far; step is -1 while none.
+def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_params=None,
+             teacher_variables=None, examples: int = 0) -> Dict[str, float]:
+  """Test accuracy and loss, or for a stage 1 its objective: `test_<distiller>_loss`.
 
-  Runs on the device after every training step, so the host learns the exact step of a
-  NaN or inf without waiting for each step's loss (which would stall dispatch).
+  `examples` > 0 (and below the test set's size) evaluates on that many test
+  examples, a fixed random subset (the same in every call), and says so in the
+  result (`test_examples`); 0 takes the whole test set.
   """
-  bad_step, bad_loss = first_bad
-  new = (bad_step < 0) & ~jnp.isfinite(loss)
-  return jnp.where(new, step, bad_step), jnp.where(new, loss, bad_loss)
+  images, labels = data.test_split(exp.dataset, examples)
+  bs = exp.config.eval_batch_size
+  subset = ({"test_examples": len(labels)}
+            if len(labels) < len(exp.dataset.test_labels) else {})
+  network = exp.networks[stage.role]
+  totals = None
+  batches = data.eval_batches(images, labels, exp.mesh, bs)
+  if stage.kind == "classify":
+    step = _jit_eval_classify(network)
+    for batch in batches:
+      totals = _accumulate(totals, step(variables, batch))
+    return {"test_accuracy": float(totals["correct"] / totals["count"]),
+            "test_loss": float(totals["loss"] / totals["count"]), **subset}
+  distiller = exp.distiller(stage)
+  step = _jit_eval_distill(network, exp.networks["teacher"], distiller)
+  for batch in batches:
+    totals = _accumulate(totals, step(variables, distiller_params or {},
+                                      teacher_variables, batch))
+  key = f"{distiller.name}_loss"
+  return {f"test_{key}": float(totals[key] / totals["count"]), **subset}
 
 
-def all_finite(tree) -> jax.Array:
-  """True where every array of `tree` (e.g. params and batch_stats) is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+def predict(network: Network, variables, images: np.ndarray, mesh,
+            batch_size: int = 500) -> np.ndarray:
+  """Logits `(N, K)` of uint8 `images` `(N, H, W, C)`, inference mode."""
+  fn = jit_predict(network)
+  out = [np.asarray(jax.device_get(fn(variables, batch["image"])))
+         for batch in data.eval_batches(images, np.zeros(len(images), np.int32), mesh,
+                                        batch_size)]
+  return np.concatenate(out)[:len(images)]
+
+
+def teacher_target_cache(exp: stages.Experiment, stage: stages.Stage, distiller,
+                         teacher_variables):
+  """`{'teacher_targets': ...}`: the frozen teacher's FSP matrices of every training
+  example (host float32, one `(N, m, n)` array per pair), gathered into each batch by
+  the input pipeline; None unless `config.fsp.cache_teacher` and `stage` is FSP's.
+
+  The teacher is in inference mode, so an example's matrices depend on the example
+  only, never on the rest of its batch: with un-augmented inputs they are the same
+  every epoch, and computing them once gives the loss that recomputing gives.
+  """
+  if stage.kind != "fsp" or not exp.config.fsp.cache_teacher:
+    return None
+  ds, bs = exp.dataset, exp.config.eval_batch_size
+  targets = jit_teacher_targets(exp.networks["teacher"], distiller)
+  shapes = jax.eval_shape(targets, teacher_variables, jax.ShapeDtypeStruct(
+      (bs,) + tuple(ds.image_shape), jnp.uint8))
+  per_example = sum(int(np.prod(s.shape[1:])) for s in jax.tree.leaves(shapes)) * 4
+  nbytes = len(ds.train_labels) * per_example
+  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  if nbytes > 0.8 * available:
+    raise ValueError(
+        f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host memory "
+        f"for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB are "
+        "free. Set --config.fsp.cache_teacher=False (the teacher is then recomputed "
+        "every step).")
+  t0 = time.time()
+  cache = data.map_examples(lambda images: targets(teacher_variables, images),
+                            ds.train_images, exp.mesh, bs)
+  log.info("[%s] cached the teacher's FSP matrices of %d training examples "
+           "(%.2f GiB on the host) in %.0f s.", stage.name, len(ds.train_labels),
+           nbytes / 2**30, time.time() - t0)
+  return {"teacher_targets": cache}
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (a no-op with one), e.g. after process 0 wrote a file."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
+                       preemption: Optional[guards.PreemptionWatch] = None
+                       ) -> Dict[str, Any]:
+  """Trains one stage (resuming from its last checkpoint) and evaluates it.
+
+  Returns the stage's results: kind, model, steps, wall time and the final test
+  metrics (`evaluate`). Raises `guards.Preempted` after saving where `preemption`
+  says so, FloatingPointError where the loss or weights stop being finite.
+  """
+  cfg, sched = exp.config, stage.schedule
+  stage_dir = exp.stage_dir(stage.name)
+  # stage.json first: no checkpoint exists without the fingerprint of its experiment.
+  if jax.process_index() == 0:
+    checkpoints.write_stage_info(stage_dir, {
+        "fingerprint": stages.fingerprint(cfg, stage, list(exp.stages))})
+  _sync(f"stage.json {stage.name}")
+
+  network = exp.networks[stage.role]
+  distiller = exp.distiller(stage)
+  teacher = exp.networks["teacher"] if distiller is not None else None
+  teacher_variables = stages.teacher_variables(exp) if distiller is not None else None
+  cache = teacher_target_cache(exp, stage, distiller, teacher_variables)
+  variables = stages.initial_variables(exp, stage)
+  if stage.init_from:
+    log.info("[%s] starts from the final weights of stage %r.", stage.name,
+             stage.init_from)
+  elif stage.name == "teacher" and cfg.teacher.pretrained:
+    log.info("[%s] fine-tunes the weights of %s.", stage.name, cfg.teacher.pretrained)
+  lr_fn = create_learning_rate_fn(sched.learning_rates, sched.boundaries)
+  tx = create_optimizer(lr_fn, sched.momentum, sched.weight_decay)
+  distiller_params = stages.initial_distiller_params(exp, stage, distiller)
+  state = jax.jit(lambda v, d: create_train_state(network, v, tx, d),
+                  out_shardings=exp.replicated)(variables, distiller_params)
+
+  mngr = checkpoints.manager(stage_dir, cfg.max_checkpoints_to_keep)
+  start = mngr.latest_step() or 0
+  # Wall time of the steps the restored checkpoint holds; steps redone after a kill
+  # are not counted twice.
+  wall_before = 0.0
+  if start:
+    state, meta = checkpoints.restore_state(mngr, start, state)
+    wall_before = float(meta.get("wall_time_s", 0.0))
+    log.info("[%s] resumes from its checkpoint at step %d.", stage.name, start)
+  total = sched.num_steps
+  writer = metrics.MetricsWriter(stage_dir, start, kind=stage.kind, final_step=total)
+  step_fn = jit_train_step(network, teacher, distiller, stage.kind == "classify")
+  step_teacher = None if cache is not None else teacher_variables
+  guard = guards.NonFiniteGuard(stage.name, f"{stage.schedule_field}.learning_rates",
+                                stage_dir, exp.replicated)
+  eval_every = cfg.eval_every if sched.eval_every < 0 else sched.eval_every
+  log.info("[%s] %s of %s (%s), steps %d..%d, batch %d.", stage.name, stage.kind,
+           cfg[stage.role].model, stage.role, start, total, sched.batch_size)
+  t_stage = time.time()
+  progress = metrics.Progress(stage.name, start, total, sched.batch_size)
+  last_saved = start
+
+  def save(step):
+    guard.check(mngr, step, state.variables)
+    checkpoints.save(mngr, step, state,
+                     {"wall_time_s": wall_before + time.time() - t_stage})
+
+  try:
+    batches = data.train_batches(exp.dataset, exp.mesh, sched.batch_size, cfg.seed,
+                                 start, total, augment=sched.augment,
+                                 pad=cfg.data.pad, flip=cfg.data.flip, extras=cache)
+    for step, batch in batches:
+      state, step_metrics = step_fn(state, batch, step_teacher)
+      done = step + 1
+      guard.track(step_metrics["loss"], done)
+      preempted = preemption is not None and preemption.reached()
+      if done % cfg.log_every == 0 or done == total:
+        guard.check(mngr, done)
+        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        images_per_s = progress.update(done, record["loss"])
+        writer.write({"step": done, "learning_rate": float(lr_fn(done - 1)),
+                      "images_per_s": images_per_s, **record})
+      if eval_every and done % eval_every == 0 and done != total:
+        writer.write({"step": done, **evaluate(
+            exp, stage, state.variables, state.distiller_params, teacher_variables,
+            examples=cfg.eval_examples)})
+      if done % cfg.checkpoint_every == 0 or done == total or preempted:
+        save(done)
+        last_saved = done
+      if preempted:
+        mngr.wait_until_finished()
+        raise guards.Preempted(f"[{stage.name}] SIGTERM: checkpoint at step {done} "
+                               "saved.")
+    if last_saved != total:  # e.g. resumed at the final step.
+      save(total)
+    mngr.wait_until_finished()
+  finally:
+    progress.close()
+    mngr.close()  # Waits for a save in flight: the last good checkpoint completes.
+  final = evaluate(exp, stage, state.variables, state.distiller_params, teacher_variables)
+  wall = wall_before + time.time() - t_stage
+  writer.write({"step": total, **final})
+  writer.close()
+  result = {"kind": stage.kind, "model": cfg[stage.role].model, "steps": total,
+            "wall_time_s": round(wall, 1), **final}
+  log.info("[%s] done: %s", stage.name, metrics.summary(result))
+  return result
+
+
+def run(config, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) every stage of `config` in `workdir`; returns results.json.
+
+  Stages already in `WORKDIR/results.json` are skipped; an interrupted one resumes
+  from its last checkpoint.
+  """
+  exp = stages.setup(config, workdir)
+  os.makedirs(exp.workdir, exist_ok=True)
+  results = metrics.read_results(exp.workdir)
+  with guards.PreemptionWatch() as preemption:
+    for stage in exp.stages:
+      if stage.name in results and os.path.isdir(exp.stage_dir(stage.name)):
+        log.info("[%s] finished earlier (%s); skipping.", stage.name,
+                 metrics.summary(results[stage.name]))
+        continue
+      results[stage.name] = train_and_evaluate(exp, stage, preemption)
+      if jax.process_index() == 0:
+        metrics.write_results(exp.workdir, results)
+      _sync(f"results {stage.name}")
+      if preemption.signalled and stage is not exp.stages[-1]:
+        raise guards.Preempted(f"[{stage.name}] SIGTERM: stage finished and saved.")
+  return results

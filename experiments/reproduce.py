@@ -1,6 +1,6 @@
 """Reproduce the paper's CIFAR-10 phenomena at a chosen scale, and write a report.
 
-    python -m fsp_jax.reproduce --data_root /tmp/cifar10 --scale 0.02 \
+    python experiments/reproduce.py --data_root /tmp/cifar10 --scale 0.02 \
         --workdir runs/reproduce --report_dir docs/reproduction
 
 Runs, sharing one teacher (ResNet-26, the full scaled schedule):
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 log = logging.getLogger("fsp_jax")
+TEST_LOGITS = "test_logits.npy"  # A classification stage's test logits, for ensembles.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PAPER = {
@@ -39,11 +39,8 @@ PAPER = {
 
 
 def load_config(name: str):
-  path = os.path.join(REPO, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from fsp_jax import config_lib
+  return config_lib.load(name)
 
 
 def base_overrides(config, args, seed: int):
@@ -186,14 +183,14 @@ def _conv_kernels(variables):
 
 def stage_one_weights(args, run_name: str):
   """(initial, stage-1 result) student variables of a Table 3 run or ablation."""
-  from fsp_jax import checkpoints, pipeline
+  from fsp_jax import checkpoints, stages
   wd = os.path.abspath(args.workdir)
   config = (grid_config(args, args.t3, args.seeds[0]) if run_name.startswith("table3")
             else ablation_config(args, run_name[len("ablation_"):]))
-  p = pipeline.Pipeline(config, os.path.join(wd, run_name))
+  exp = stages.setup(config, os.path.join(wd, run_name))
   path = config.fsp.checkpoint or os.path.join(wd, run_name, "fsp")
-  final, _ = checkpoints.restore_model(path, p.abstract_variables("student"))
-  return p.init_variables("student"), final
+  final, _ = checkpoints.restore_model(path, stages.abstract_variables(exp, "student"))
+  return stages.random_variables(exp, "student"), final
 
 
 def write_renormalized(args, name: str) -> None:
@@ -231,7 +228,7 @@ def kernel_norm_growth(args, run_name: str) -> float:
 
 
 def run_ablations(args) -> None:
-  from fsp_jax import pipeline
+  from fsp_jax import train
   wd = os.path.abspath(args.workdir)
   for name in dict.fromkeys(args.ablations + args.ablation_seeds):  # Seed-0 runs first.
     t0 = time.time()
@@ -240,7 +237,7 @@ def run_ablations(args) -> None:
     if "renorm" in ABLATIONS[name][1]:
       write_renormalized(args, name)
     try:
-      pipeline.run(ablation_config(args, name), run_dir)
+      train.run(ablation_config(args, name), run_dir)
     except FloatingPointError as e:  # A finding, not a crash: recorded for the report.
       log.warning("=== ablation %s diverged: %s", name, e)
       with open(os.path.join(run_dir, DIVERGED), "w") as f:
@@ -250,7 +247,7 @@ def run_ablations(args) -> None:
   for name in args.ablation_seeds:
     for seed in args.seeds[1:]:
       log.info("=== ablation %s, seed %d ===", name, seed)
-      pipeline.run(ablation_config(args, name, seed), ablation_dir(args, name, seed))
+      train.run(ablation_config(args, name, seed), ablation_dir(args, name, seed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,12 +287,12 @@ def grid_plan(args) -> List[GridRun]:
 def run_one(args, run: GridRun) -> bool:
   """Runs (or resumes) one grid run in this process. False where its loss became NaN
   or inf: recorded in the run directory (`diverged.json`) for the report."""
-  from fsp_jax import pipeline
+  from fsp_jax import train
   wd = os.path.abspath(args.workdir)
   t0 = time.time()
   log.info("=== %s (seed %d) ===", run.name, run.config.seed)
   try:
-    pipeline.run(run.config, os.path.join(wd, run.name))
+    train.run(run.config, os.path.join(wd, run.name))
   except FloatingPointError as e:
     if run.name.startswith(args.t1 + "_seed"):  # Table 1 may diverge (paper stage 1).
       log.warning("=== %s diverged: %s", run.name, e)
@@ -350,8 +347,8 @@ def core_groups(jobs: int) -> List[Optional[List[int]]]:
 
 
 def worker_command(argv: List[str], run: GridRun) -> List[str]:
-  """The command of a --jobs worker: this module, the grid's flags, `--run NAME`."""
-  return [sys.executable, "-m", "fsp_jax.reproduce", *argv, "--jobs", "1",
+  """The command of a --jobs worker: this script, the grid's flags, `--run NAME`."""
+  return [sys.executable, os.path.abspath(__file__), *argv, "--jobs", "1",
           "--run", run.name]
 
 
@@ -419,7 +416,7 @@ def run_grid_parallel(args, argv: List[str], command=worker_command,
           error = f"grid run {run.name} failed (exit status {rc}); its log: {path}"
           log.error("=== %s; stopping the others (they save a checkpoint first).", error)
           for _, other, _, _ in running.values():
-            other.terminate()  # SIGTERM: the pipeline saves after the current step.
+            other.terminate()  # SIGTERM: training saves after the current step.
   except BaseException:  # Ctrl-C or a bug here: no worker outlives this process.
     for _, proc, _, _ in running.values():
       proc.terminate()
@@ -463,16 +460,24 @@ def ensemble_accuracy(args, table: str, stage: str, role: str, seeds) -> float:
 
 def ensemble_of(runs, stage: str, role: str) -> float:
   """Test accuracy of the averaged softmax of `stage`'s model over `runs` (config,
-  run directory)."""
-  from fsp_jax import pipeline
-  probs = 0.0
-  p = None
+  run directory). Each model's test logits are computed once from its final
+  checkpoint and kept beside it (`test_logits.npy`)."""
+  from fsp_jax import checkpoints, stages, train
+  probs, exp = 0.0, None
   for config, run_dir in runs:
-    p = pipeline.Pipeline(config, run_dir)
-    logits = p.test_logits(stage, role)
+    exp = stages.setup(config, run_dir)
+    stage_dir = exp.stage_dir(stage)
+    path = os.path.join(stage_dir, TEST_LOGITS)
+    logits = np.load(path) if os.path.exists(path) else None
+    if logits is None or len(logits) != len(exp.dataset.test_labels):
+      variables, _ = checkpoints.restore_model(stage_dir,
+                                               stages.abstract_variables(exp, role))
+      logits = train.predict(exp.networks[role], variables, exp.dataset.test_images,
+                             exp.mesh, config.eval_batch_size)
+      np.save(path, logits)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = probs + e / e.sum(-1, keepdims=True)
-  return float(np.mean(np.argmax(probs, -1) == p.dataset.test_labels))
+  return float(np.mean(np.argmax(probs, -1) == exp.dataset.test_labels))
 
 
 def read_curve(stage_dir: str):
@@ -892,7 +897,7 @@ def main(argv=None):
   unknown = set(args.ablations + args.ablation_seeds) - set(ABLATIONS)
   if unknown:
     parser.error(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}.")
-  args.command = "python -m fsp_jax.reproduce " + " ".join(
+  args.command = "python experiments/reproduce.py " + " ".join(
       f"--{k} {shlex.quote(','.join(map(str, v)) if isinstance(v, list) else str(v))}"
       for k, v in vars(args).items()
       if k not in ("command", "report_only", "ablations_only", "t1", "t3", "run"))

@@ -1,8 +1,8 @@
 """Speed of the real training steps, and a side-by-side comparison with PyTorch.
 
-    python -m fsp_jax.bench --teacher_depth 26 --student_depth 8 --batch_size 128
-    python -m fsp_jax.bench --input_pipeline
-    python -m fsp_jax.bench --compare --repeats 5
+    python benchmarks/bench.py --teacher_depth 26 --student_depth 8 --batch_size 128
+    python benchmarks/bench.py --input_pipeline
+    python benchmarks/bench.py --compare --repeats 5
 
 The default prints one JSON object with the keys of the PyTorch peer
 (`benchmarks/torch_reference.py`): images per second of each step (median over
@@ -15,8 +15,9 @@ what the peer lacks:
   teacher_forward  the teacher's share of an FSP step alone (forward + FSP matrices)
   fsp_cached       stage-1 step with the teacher's FSP matrices cached per example
 
-The steps are the pipeline's own (`train.jit_train_step`, as `Pipeline.make_train_step`:
-same functions, same jit options, state donated, batch sharded over all devices),
+The steps are training's own (`fsp_jax.train.jit_train_step`, what
+`train.train_and_evaluate` runs: same functions, same jit options, state donated,
+batch sharded over all devices),
 timed after compilation with each step's results blocked on. Peak memory per step is
 XLA's buffer assignment for the compiled step (arguments + outputs + temporaries).
 
@@ -38,9 +39,9 @@ import sys
 import time
 from typing import Dict, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_REFERENCE = os.path.join(REPO, "benchmarks", "torch_reference.py")
-TORCH_WORKER = os.path.join(REPO, "benchmarks", "torch_worker.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_REFERENCE = os.path.join(HERE, "torch_reference.py")
+TORCH_WORKER = os.path.join(HERE, "torch_worker.py")
 STEPS = ("main", "fsp", "teacher")
 # PyTorch settings tried in --compare: name -> (extra flags, extra environment).
 # OMP_WAIT_POLICY=PASSIVE stops idle OpenMP threads spinning, which helps PyTorch a
@@ -82,7 +83,7 @@ class Steps:
     import jax.numpy as jnp
     import numpy as np
 
-    from fsp_jax import data, distillers, models, train
+    from fsp_jax import data, distillers, fsp, models, train
     self.jax = jax
     self.batch_size = args.batch_size
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
@@ -91,42 +92,34 @@ class Steps:
     host = {"image": rng.integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8),
             "label": rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)}
     self.batch = data.to_global(host, mesh)
-    self.mean = jax.device_put(jnp.full((3,), 120.0, jnp.float32), replicated)
-    self.std = jax.device_put(jnp.full((3,), 64.0, jnp.float32), replicated)
-    teacher = models.create_model(f"cifar_resnet{args.teacher_depth}", args.num_classes,
-                                  args.width_multiplier)
-    student = models.create_model(f"cifar_resnet{args.student_depth}", args.num_classes,
-                                  args.width_multiplier)
+
+    def network(depth):
+      return models.Network(models.create_model(
+          f"cifar_resnet{depth}", args.num_classes, args.width_multiplier),
+          (120.0,) * 3, (64.0,) * 3)
+    teacher, student = network(args.teacher_depth), network(args.student_depth)
     tx = train.create_optimizer(train.create_learning_rate_fn((1e-3,), ()), 0.9, 1e-4)
 
-    def state(model, seed):
-      variables = train.init_variables(model, jax.random.PRNGKey(seed), (32, 32, 3))
-      return jax.device_put(train.create_train_state(model, variables, tx), replicated)
+    def state(net, seed):
+      variables = net.init(jax.random.PRNGKey(seed), (32, 32, 3))
+      return jax.device_put(train.create_train_state(net, variables, tx), replicated)
 
     self.teacher_variables = jax.device_put(
-        train.init_variables(teacher, jax.random.PRNGKey(0), (32, 32, 3)), replicated)
-    # The pipeline's steps (`Pipeline.make_train_step` builds the same ones).
-    distiller = distillers.FSP()
-    classify = train.jit_train_step()
-    fsp_step = train.jit_train_step(teacher.apply, distiller, use_labels=False)
-    fsp_cached = train.jit_train_step(teacher.apply, distiller, use_labels=False,
-                                      cached_targets=True)
-    teacher_fsp = train.jit_teacher_targets(teacher.apply, distiller)
-    matrices = teacher_fsp(self.teacher_variables, self.batch["image"], self.mean,
-                           self.std)
+        teacher.init(jax.random.PRNGKey(0), (32, 32, 3)), replicated)
+    # Training's own jitted steps (what `train.train_and_evaluate` runs).
+    distiller = distillers.FSP(fsp.default_fsp_pairs(student.feature_names))
+    fsp_step = train.jit_train_step(student, teacher, distiller, use_labels=False)
+    teacher_fsp = train.jit_teacher_targets(teacher, distiller)
+    matrices = teacher_fsp(self.teacher_variables, self.batch["image"])
     cached_batch = dict(self.batch, teacher_targets=matrices)
-    plain = (None, self.batch, self.mean, self.std)
     # name -> (jitted fn, state or None, other args); each step maps state -> state.
     self.fns = {
-        "main": (classify, state(student, 1), plain),
-        "fsp": (fsp_step, state(student, 1),
-                (self.teacher_variables, self.batch, self.mean, self.std)),
-        "teacher": (classify, state(teacher, 0), plain),
+        "main": (train.jit_train_step(student), state(student, 1), (self.batch, None)),
+        "fsp": (fsp_step, state(student, 1), (self.batch, self.teacher_variables)),
+        "teacher": (train.jit_train_step(teacher), state(teacher, 0), (self.batch, None)),
         "teacher_forward": (teacher_fsp, None,
-                            (self.teacher_variables, self.batch["image"], self.mean,
-                             self.std)),
-        "fsp_cached": (fsp_cached, state(student, 1),
-                       (None, cached_batch, self.mean, self.std)),
+                            (self.teacher_variables, self.batch["image"])),
+        "fsp_cached": (fsp_step, state(student, 1), (cached_batch, None)),
     }
     self.states = {k: v[1] for k, v in self.fns.items()}
 
