@@ -468,16 +468,28 @@ def ensemble_of(runs, stage: str, role: str) -> float:
     exp = stages.setup(config, run_dir)
     stage_dir = exp.stage_dir(stage)
     path = os.path.join(stage_dir, TEST_LOGITS)
-    logits = np.load(path) if os.path.exists(path) else None
-    if logits is None or len(logits) != len(exp.dataset.test_labels):
+    logits = _read_logits(path)
+    if logits is None or logits.shape != (len(exp.dataset.test_labels),
+                                          exp.networks[role].num_classes):
       variables, _ = checkpoints.restore_model(stage_dir,
                                                stages.abstract_variables(exp, role))
       logits = train.predict(exp.networks[role], variables, exp.dataset.test_images,
                              exp.mesh, config.eval_batch_size)
-      np.save(path, logits)
+      # Renamed into place: a kill while writing leaves no half file.
+      checkpoints.write_npy_atomic(path, logits)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = probs + e / e.sum(-1, keepdims=True)
   return float(np.mean(np.argmax(probs, -1) == exp.dataset.test_labels))
+
+
+def _read_logits(path: str) -> Optional[np.ndarray]:
+  """Cached test logits, or None where the file is missing or unreadable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return np.load(path)
+  except (ValueError, OSError, EOFError):  # E.g. cut short by a kill.
+    return None
 
 
 def read_curve(stage_dir: str):

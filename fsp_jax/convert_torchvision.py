@@ -25,7 +25,7 @@ from typing import Any, Dict, Tuple
 import jax
 import numpy as np
 
-from fsp_jax import checkpoints, models, train
+from fsp_jax import checkpoints, models
 
 _BLOCK = re.compile(r"^layer(\d+)\.(\d+)\."
                     r"(conv1|bn1|conv2|bn2|downsample\.0|downsample\.1)\."

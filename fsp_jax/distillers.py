@@ -192,7 +192,7 @@ class Hint:
     hint, regressed = fsp.match_spatial(targets.astype(jnp.float32), regressed, self.pool)
     if hint.shape != regressed.shape:
       raise ValueError(f"FitNet hint {hint.shape} and regressed guided layer "
-                       f"{regressed.shape} differ in shape; pick other feature indices.")
+                       f"{regressed.shape} differ in shape; pick other fitnet.hint_feature / guided_feature layers.")
     return 0.5 * jnp.sum(jnp.square(jax.lax.stop_gradient(hint) - regressed),
                          axis=(1, 2, 3))
 

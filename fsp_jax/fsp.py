@@ -6,6 +6,7 @@ apply directly. Feature maps are channels-last, `(B, H, W, C)`.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -150,8 +151,9 @@ def resolve_name(key, feature_names: Sequence[str], what: str = "feature") -> st
       return key
     raise ValueError(f"{what} {key!r} is not a feature of the network; its features "
                      f"are {names} (or indices 0..{len(names) - 1}).")
-  if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
-    return names[key]
+  if isinstance(key, numbers.Integral) and not isinstance(key, bool) and (
+      0 <= key < len(names)):
+    return names[int(key)]
   raise ValueError(f"{what} {key!r} is out of range: the network returns {len(names)} "
                    f"feature maps, {names} (indices 0..{len(names) - 1}).")
 
@@ -183,7 +185,7 @@ def fsp_matrices(features, fsp_pairs: Optional[Sequence[FspPair]] = None,
       fsp_pairs = default_fsp_pairs(len(features))
   out = []
   for i, j in fsp_pairs:
-    if i not in keys or j not in keys:
+    if isinstance(i, bool) or isinstance(j, bool) or i not in keys or j not in keys:
       raise ValueError(
           f"FSP pair ({i!r}, {j!r}) names a feature the network does not return; it "
           f"returns {len(keys)} feature maps: {keys}.")

@@ -8,11 +8,12 @@ field with `--config.FIELD=VALUE`, e.g. `--config.student.schedule.num_steps=100
 Several hosts: run the same command on every host with `--distributed` (Cloud TPU
 pods, SLURM and other clusters JAX detects), or with `--coordinator_address`,
 `--num_processes` and `--process_id`. Exit status: 0 done, 2 bad input (one line
-`fsp_jax: error: ...`), 3 training stopped on a non-finite loss, 143 stopped by
-SIGTERM after saving (run it again to resume).
+`fsp_jax: error: ...`; also where training stopped on a non-finite loss), 143
+stopped by SIGTERM after saving (run it again to resume).
 """
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -38,7 +39,6 @@ config_flags.DEFINE_config_file(
     "argument: NAME[:ARG] or PATH[:ARG]. Default: quickstart.", lock_config=True)
 
 EXIT_BAD_INPUT = 2
-EXIT_NON_FINITE = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a launcher expects of a terminated job.
 
 
@@ -52,19 +52,36 @@ def _one_line(e: BaseException) -> str:
   return " ".join(lines[:4]) if lines else type(e).__name__
 
 
+def _unknown_field(text: str, argv) -> str:
+  """The message for ml_collections' error on an unknown `--config.FIELD` (its text
+  holds the field's name and, sometimes, 'Did you mean "..."')."""
+  found = re.search(r"[A-Za-z_]\w*", text)
+  key = found.group() if found else text
+  args = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+  where = f" in {args[0]}" if args else ""
+  guess = re.search(r'Did you mean \W*"(\w+)\W*"', text)
+  fix = f"did you mean {guess.group(1)!r}? " if guess else ""
+  return (f"unknown config field {key!r}{where}; {fix}every field and its default is in "
+          "configs/default.py.")
+
+
 def resolve_config_flag(argv):
   """`argv` with `--config NAME[:ARG]` turned into the config file's path (and the
   quickstart's where no `--config` is given), what ml_collections' flag loads."""
+  def resolve(spec):
+    config_lib.load(spec)  # A bad name, file or argument fails here, in one line.
+    return config_lib.config_file(spec)
+
   out, given = list(argv[:1]), False
   rest = list(argv[1:])
   while rest:
     a = rest.pop(0)
     if a in ("--config", "-config") and rest:
-      out += [a, config_lib.config_file(rest.pop(0))]
+      out += [a, resolve(rest.pop(0))]
       given = True
     elif a.startswith(("--config=", "-config=")):
       flag, _, value = a.partition("=")
-      out.append(f"{flag}={config_lib.config_file(value)}")
+      out.append(f"{flag}={resolve(value)}")
       given = True
     else:
       out.append(a)
@@ -81,11 +98,7 @@ def _parse_flags(argv):
   except flags.Error as e:
     _fail(f"{_one_line(e)}; see --helpfull for the flags.")
   except (AttributeError, KeyError) as e:  # ml_collections: no such config field.
-    key = str(e).strip("'\"")
-    _fail(f"unknown config field {key!r} in a --config.* override; the fields and "
-          "their defaults are those of configs/default.py (print them with "
-          "--helpfull or python -c \"from fsp_jax import config_lib; "
-          "print(config_lib.load('NAME'))\").")
+    _fail(_unknown_field(str(e), argv))
   except (ValueError, TypeError, OSError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the --config: {_one_line(e)}")
   return rest
@@ -139,11 +152,7 @@ def main(argv):
   except guards.Preempted as e:
     print(f"fsp_jax: {e} Run the same command to resume.", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
-  except FloatingPointError as e:
-    if FLAGS.debug:
-      raise
-    _fail(" ".join(str(e).split()), EXIT_NON_FINITE)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if FLAGS.debug:
       raise
     _fail(" ".join(str(e).split()))  # One line, whatever the library wrote.

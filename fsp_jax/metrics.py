@@ -6,15 +6,15 @@ Each stage directory `WORKDIR/<stage>/` gets, from process 0:
   `{"step", "loss", "learning_rate", "images_per_s", "accuracy"}` (stage 1 has no
   accuracy), evaluation records `{"step", "test_accuracy", "test_loss"}` or
   `{"step", "test_fsp_loss"}`.
-- `events.out.tfevents.*` (tensorboardX, no TensorFlow needed): the same scalars, so
+- `events.out.tfevents.*` (tensorboardX; no TensorFlow needed): the same scalars, so
   that `tensorboard --logdir WORKDIR` shows one run per stage side by side. Tags:
   `train/loss`, `train/accuracy`, `train/learning_rate`, `train/images_per_s`,
   `test/accuracy`, `test/loss`; in stage 1 `train/fsp_loss` and `test/fsp_loss`, so
   that an FSP loss is never drawn in one chart with a cross-entropy.
 
 A stage resumed at step `s` keeps the records of steps `<= s` and drops the rest: the
-JSON lines are cut back, and the new event file starts with a purge at step `s + 1`,
-which TensorBoard applies to the older files. The curves have no doubled segments
+JSON lines are cut back, and the new event file starts with a purge from step `s + 1`
+on, which TensorBoard applies to the older files. The curves have no doubled segments
 after a restart. `WORKDIR/results.json` holds each finished stage's final numbers.
 """
 from __future__ import annotations
@@ -69,8 +69,10 @@ class MetricsWriter:
   """A stage's metrics as JSON lines and TensorBoard scalars, from process 0 only.
 
   A resume at `start_step` drops the records of later steps (written before the
-  interruption, after the checkpoint it resumes from); a resume at `final_step` also
-  drops that step's evaluation from the JSON lines (the final one, written again).
+  interruption, after the checkpoint it resumes from) from both; a resume at
+  `final_step` also drops that step's evaluation (the final one, written again).
+  Events are written synchronously (tensorboardX's `EventsWriter`), so a kill loses
+  at most the record being written.
   """
 
   def __init__(self, stage_dir: str, start_step: int, kind: str = "classify",
@@ -81,9 +83,11 @@ class MetricsWriter:
     self.path = os.path.join(stage_dir, JSONL)
     self.kind = kind
     self.enabled = jax.process_index() == 0
-    self.tensorboard = None
+    self._events = None
     if not self.enabled:
       return
+    from tensorboardX.event_file_writer import EventsWriter  # Only where written.
+    from tensorboardX.proto import event_pb2
     os.makedirs(stage_dir, exist_ok=True)
     at_end = start_step == final_step
     kept = []
@@ -94,9 +98,30 @@ class MetricsWriter:
     with open(self.path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(self.path + ".tmp", self.path)
-    from tensorboardX import SummaryWriter  # Only where metrics are written.
-    self.tensorboard = SummaryWriter(stage_dir, purge_step=start_step + 1 if start_step
-                                     else None)
+    # A new event file (pid and step in its name: never one of an earlier start)
+    # that opens with a purge: TensorBoard drops the older files' events from that
+    # step on. At the final step the purge takes that step too, whose kept training
+    # record is written again (its evaluation is redone).
+    self._events = EventsWriter(os.path.join(stage_dir, "events"),
+                                f".{os.getpid()}.s{start_step:010d}.fsp_jax")
+    purge = start_step if at_end and start_step > 0 else start_step + 1
+    self._events.write_event(event_pb2.Event(
+        wall_time=time.time(), step=purge,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    for record in kept:
+      if at_end and record.get("step") == start_step:
+        self._write_events(record)
+    self._events.flush()
+
+  def _write_events(self, record: Dict[str, Any]) -> None:
+    from tensorboardX.proto import event_pb2, summary_pb2
+    values = [summary_pb2.Summary.Value(tag=tensorboard_tag(k, self.kind),
+                                        simple_value=float(v))
+              for k, v in record.items() if k != "step" and isinstance(v, (int, float))]
+    if values:
+      self._events.write_event(event_pb2.Event(
+          wall_time=time.time(), step=int(record["step"]),
+          summary=summary_pb2.Summary(value=values)))
 
   def write(self, record: Dict[str, Any]) -> None:
     """Appends `record` (a dict with 'step' and float metrics) to both outputs."""
@@ -104,15 +129,13 @@ class MetricsWriter:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
-        self.tensorboard.add_scalar(tensorboard_tag(key, self.kind), value,
-                                    record["step"])
-    self.tensorboard.flush()  # Records are rare (log steps): a kill loses none.
+    self._write_events(record)
+    self._events.flush()
 
   def close(self) -> None:
-    if self.tensorboard is not None:
-      self.tensorboard.close()
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 def _is_evaluation(record: Dict[str, Any]) -> bool:
@@ -120,29 +143,43 @@ def _is_evaluation(record: Dict[str, Any]) -> bool:
 
 
 class Progress:
-  """A stage's progress bar (tqdm: steps, ETA, loss, images/s) on process 0."""
+  """A stage's progress on process 0: steps, loss, images/s and the time left.
+
+  On a terminal, a tqdm bar; elsewhere (log files, CI, batch jobs) one line per log
+  step, e.g. `[fsp] step 200/300 loss 812.3 5,210 img/s ETA 00:02`.
+  """
 
   def __init__(self, stage: str, start: int, total: int, batch_size: int):
-    from tqdm.auto import tqdm
-    self.batch_size = batch_size
-    self._t, self._step = time.time(), start
-    quiet = jax.process_index() != 0 or not log.isEnabledFor(logging.INFO)
-    self.bar = tqdm(total=total, initial=start, desc=f"[{stage}]", unit="step",
-                    file=sys.stderr, disable=quiet, dynamic_ncols=True,
-                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    self.stage, self.total, self.batch_size = stage, total, batch_size
+    self._t0, self._start = time.time(), start
+    self._t, self._step = self._t0, start
+    self.enabled = jax.process_index() == 0 and log.isEnabledFor(logging.INFO)
+    self.bar = None
+    if self.enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, desc=f"[{stage}]", unit="step",
+                      file=sys.stderr, dynamic_ncols=True)
 
   def update(self, step: int, loss: float) -> float:
-    """Moves the bar to `step`; returns the images/s since the last update."""
+    """Reports `step`; returns the images/s since the last update."""
+    from tqdm import tqdm
     now = time.time()
     images_per_s = (step - self._step) * self.batch_size / max(now - self._t, 1e-9)
     self._t, self._step = now, step
-    self.bar.set_postfix_str(f"loss {loss:.4g}, {images_per_s:.0f} img/s",
-                             refresh=False)
-    self.bar.update(step - self.bar.n)
+    if self.bar is not None:
+      self.bar.set_postfix_str(f"loss {loss:.4g}, {images_per_s:,.0f} img/s",
+                               refresh=False)
+      self.bar.update(step - self.bar.n)
+    elif self.enabled:
+      rate = (step - self._start) / max(now - self._t0, 1e-9)
+      eta = tqdm.format_interval((self.total - step) / max(rate, 1e-9))
+      log.info("[%s] step %d/%d loss %.4g %s img/s ETA %s", self.stage, step,
+               self.total, loss, f"{images_per_s:,.0f}", eta)
     return images_per_s
 
   def close(self) -> None:
-    self.bar.close()
+    if self.bar is not None:
+      self.bar.close()
 
 
 def read_results(workdir: str) -> Dict[str, Any]:

@@ -135,6 +135,9 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, student: Net
   images = batch["image"]
   targets = batch.get("teacher_targets")
   if distiller is not None and targets is None:
+    if teacher is None or teacher_variables is None:
+      raise ValueError("a distillation step needs the teacher (teacher= and "
+                       "teacher_variables) or its cached batch['teacher_targets'].")
     targets = teacher_targets(teacher, teacher_variables, images, distiller)
 
   def loss_fn(params):
@@ -186,10 +189,14 @@ def eval_distill_step(variables, distiller_params, teacher_variables, batch, *,
 # The jitted steps, one compilation per (network, distiller): the loop and the
 # benchmarks run the very same compiled functions. The state is donated: XLA updates
 # parameters and optimizer state in place instead of copying them every step.
-@functools.lru_cache(maxsize=None)
 def jit_train_step(student: Network, teacher: Optional[Network] = None, distiller=None,
                    use_labels: bool = True):
   """`train_step` as `(state, batch, teacher_variables) -> (state, metrics)`."""
+  return _jit_train_step(student, teacher, distiller, use_labels)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_train_step(student, teacher, distiller, use_labels):
   return jax.jit(functools.partial(train_step, student=student, teacher=teacher,
                                    distiller=distiller, use_labels=use_labels),
                  donate_argnums=0)

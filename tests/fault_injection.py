@@ -17,7 +17,7 @@ import sys
 # This tree's fsp_jax, not an installed copy.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsp_jax import checkpoints, main, pipeline  # noqa: E402
+from fsp_jax import checkpoints, data, main, metrics, train  # noqa: E402
 
 
 def _signal_self(sig):
@@ -28,13 +28,13 @@ def _signal_self(sig):
 def install(fault: str) -> None:
   kind, stage, *rest = fault.split(":")
   current = [None]
-  real_run_stage = pipeline.Pipeline.run_stage
+  real_stage = train.train_and_evaluate
 
-  def run_stage(self, s):
+  def train_and_evaluate(exp, s, *args):
     current[0] = s.name
-    return real_run_stage(self, s)
+    return real_stage(exp, s, *args)
 
-  pipeline.Pipeline.run_stage = run_stage
+  train.train_and_evaluate = train_and_evaluate
 
   if kind == "mid_save":
     from orbax.checkpoint._src.path import atomicity
@@ -52,7 +52,7 @@ def install(fault: str) -> None:
     real_write = checkpoints.write_json_atomic
 
     def write_json_atomic(path, obj):
-      if os.path.basename(path) == pipeline.RESULTS and stage in obj:
+      if os.path.basename(path) == metrics.RESULTS and stage in obj:
         with open(path + ".tmp", "w") as f:
           f.write('{"teacher": {"kind": ')  # Half a file.
         _signal_self(signal.SIGKILL)
@@ -60,7 +60,7 @@ def install(fault: str) -> None:
 
     checkpoints.write_json_atomic = write_json_atomic
   elif kind == "sigterm":
-    real_batches = pipeline.data.train_batches
+    real_batches = data.train_batches
 
     def train_batches(*args, **kwargs):
       for step, batch in real_batches(*args, **kwargs):
@@ -68,7 +68,7 @@ def install(fault: str) -> None:
           _signal_self(signal.SIGTERM)
         yield step, batch
 
-    pipeline.data.train_batches = train_batches
+    data.train_batches = train_batches
   else:
     raise SystemExit(f"unknown FSP_FAULT kind {kind!r}")
 

@@ -1,10 +1,16 @@
-"""fsp_jax.bench runs and reports what it promises (no speed assertions here: timings
-on a shared machine belong in benchmarks, not in tests)."""
+"""benchmarks/bench.py runs and reports what it promises (no speed assertions here:
+timings on a shared machine belong in benchmarks, not in tests)."""
 import importlib.util
+import os
+import sys
 
 import pytest
 
-from fsp_jax import bench
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # benchmarks/ is a folder of the checkout, not of the package.
+
+from benchmarks import bench  # noqa: E402
+from fsp_jax import distillers, train  # noqa: E402
 
 TINY = ["--teacher_depth", "8", "--student_depth", "8", "--batch_size", "8",
         "--steps", "1", "--warmup", "1"]
@@ -20,13 +26,26 @@ def test_bench_reports_the_torch_peer_keys_and_more():
     assert out["memory"][step]["peak_mb"] > 0
 
 
-def test_bench_steps_are_the_pipelines_jitted_steps():
-  steps = bench.Steps(bench.parse_args(TINY))
-  for name in ("main", "fsp", "teacher", "fsp_cached"):  # Pipeline.make_train_step's.
-    assert steps.fns[name][0].__wrapped__.__qualname__ == "jit_train_step.<locals>.step"
+def test_bench_steps_are_the_training_loops_jitted_steps():
+  steps = bench.Steps(bench.parse_args(TINY + ["--teacher_depth", "14"]))
+  # train.jit_train_step's: jax.jit of train.train_step with the stage's arguments.
+  step_args = {}
+  for name in ("main", "fsp", "teacher", "fsp_cached"):
+    wrapped = steps.fns[name][0].__wrapped__
+    assert wrapped.func is train.train_step, name
+    step_args[name] = wrapped.keywords
+  main, fsp, teacher = step_args["main"], step_args["fsp"], step_args["teacher"]
+  assert main["teacher"] is main["distiller"] is None and main["use_labels"]
+  assert teacher["student"].module.modules_per_section == (2, 2, 2)  # ResNet-14.
+  assert main["student"].module.modules_per_section == (1, 1, 1)  # ResNet-8.
+  assert isinstance(fsp["distiller"], distillers.FSP) and not fsp["use_labels"]
+  assert fsp["student"] == main["student"] and fsp["teacher"] == teacher["student"]
+  # The cached stage 1 is the same compiled step, fed the teacher's matrices.
+  assert steps.fns["fsp_cached"][0] is steps.fns["fsp"][0]
+  assert "teacher_targets" in steps.fns["fsp_cached"][2][0]
   fn, state, _ = steps.fns["main"]
   steps.run_once("main")
-  assert state.step.is_deleted()  # Donated, as the pipeline's step donates it.
+  assert state.step.is_deleted()  # Donated, as the training loop's step donates it.
   assert int(steps.states["main"].step) == 1
 
 
@@ -39,8 +58,21 @@ def test_compare_alternates_with_the_torch_peer():
     assert out["ratio_jax_over_best_torch"][step]["median"] > 0
 
 
+def test_bench_script_runs_from_anywhere(tmp_path):
+  """`python benchmarks/bench.py ...` as the docs run it, from another directory: it
+  reads fsp_jax from the installed package, not from the working directory."""
+  import json
+  import subprocess
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), *TINY,
+       "--only", "main"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["main_images_per_s"] > 0 and result["devices"] == 1
+
+
 def _benchmark_script(name):
-  import os
   path = os.path.join(os.path.dirname(bench.TORCH_REFERENCE), f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

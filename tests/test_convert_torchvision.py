@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fsp_jax import checkpoints, convert_torchvision, models, train
+from fsp_jax import checkpoints, convert_torchvision, models
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -89,7 +89,7 @@ def test_resnet34_state_dict_converts_to_the_same_network(tmp_path):
   out = tmp_path / "converted"
   assert convert_torchvision.main([str(pth), str(out)]) == 0
   model = models.create_model("resnet34", 1000)
-  template = train.init_variables(model, jax.random.PRNGKey(0), (64, 64, 3))
+  template = models.init_variables(model, jax.random.PRNGKey(0), (64, 64, 3))
   variables, _ = checkpoints.restore_model(str(out), template, "converted checkpoint")
 
   # 2 images of 64x64 (sections at 16, 16, 8, 4, 2 pixels; odd sizes are not needed
@@ -102,8 +102,11 @@ def test_resnet34_state_dict_converts_to_the_same_network(tmp_path):
   scale = float(np.abs(t_logits.numpy()).max())
   np.testing.assert_allclose(np.asarray(logits), t_logits.numpy(), rtol=1e-4,
                              atol=1e-4 * scale)
-  assert len(feats) == len(t_feats) == 5
-  for ours, theirs in zip(feats, t_feats):
+  # Named features: the stem (after the max-pool), then layer1..layer4.
+  assert model.feature_names == ("stem", "section1", "section2", "section3", "section4")
+  assert set(feats) == set(model.feature_names) and len(t_feats) == 5
+  for name, theirs in zip(model.feature_names, t_feats):
+    ours = feats[name]
     theirs = np.transpose(theirs.numpy(), (0, 2, 3, 1))
     assert ours.shape == theirs.shape
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4,

@@ -47,8 +47,8 @@ def test_image_folder_errors_name_the_problem(tmp_path, breakage, message):
       f.write("not a jpeg")
   with pytest.raises(ValueError) as error:
     data.load_image_folder(root)
-  # One line naming the problem and the fix (the CLI prints it as `fsp_jax: error:`,
-  # see test_pipeline.py).
+  # One line naming the problem and the fix (the CLI prints it as
+  # `fsp_jax: error: ...`).
   assert message in str(error.value) and "\n" not in str(error.value)
   if breakage == "not_an_image":
     assert "broken.jpg" in str(error.value) and "remove it" in str(error.value)
@@ -213,12 +213,35 @@ def test_image_folder_cache_is_read_back_and_keyed_on_the_files(tmp_path):
 
 
 def test_cache_dir_is_not_part_of_a_stage_fingerprint():
-  from fsp_jax import config_lib, pipeline
-  config = config_lib.get_config()
-  stage = pipeline.plan_stages(config)[0]
-  before = pipeline.fingerprint(config, stage, [stage])
+  from fsp_jax import config_lib, stages
+  config = config_lib.load("default")
+  stage = stages.plan_stages(config)[0]
+  before = stages.fingerprint(config, stage, [stage])
   config.data.cache_dir = "/somewhere"
-  assert pipeline.fingerprint(config, stage, [stage]) == before
+  assert stages.fingerprint(config, stage, [stage]) == before
+  config.data.pad = 2  # What changes the data does change it.
+  assert stages.fingerprint(config, stage, [stage]) != before
+
+
+def test_test_split_is_a_fixed_random_subset_or_the_whole_test_set():
+  ds = data.load_digits(8)
+  n = len(ds.test_labels)
+  for examples in (0, n, n + 5):
+    images, labels = data.test_split(ds, examples)
+    assert images is ds.test_images and labels is ds.test_labels
+  images, labels = data.test_split(ds, 50)
+  assert images.shape == (50,) + ds.test_images.shape[1:] and labels.shape == (50,)
+  again = data.test_split(ds, 50)
+  np.testing.assert_array_equal(again[0], images)  # The same subset every call.
+  np.testing.assert_array_equal(again[1], labels)
+  # Distinct test examples, not a prefix of the test set (stored class by class in
+  # some data sets), labels kept with their images.
+  flat = ds.test_images.reshape(n, -1)
+  rows = [np.flatnonzero((flat == image.reshape(-1)).all(1)) for image in images]
+  assert all(len(r) >= 1 for r in rows)
+  index = np.asarray([r[0] for r in rows])
+  assert len(set(index.tolist())) == 50 and not np.array_equal(index, np.arange(50))
+  np.testing.assert_array_equal(ds.test_labels[index], labels)
 
 
 def test_channel_mean_std_from_histograms_equals_numpys():

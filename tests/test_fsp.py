@@ -142,6 +142,46 @@ def test_fsp_loss_default_pairs_and_equal_weights():
   assert fsp_lib.default_fsp_pairs(4) == ((0, 1), (1, 2), (2, 3))
 
 
+NAMES = ("stem", "section1", "section2")
+
+
+def test_fsp_loss_of_named_features_matches_loop():
+  """The models' dict features: pairs by name give the index-pair results."""
+  rng = np.random.default_rng(7)
+  t, s = _features(rng), _features(rng)
+  # Inserted out of network order: the pairs, not the dict's order, decide.
+  tj = {n: jnp.asarray(t[k], jnp.float32) for k, n in reversed(list(enumerate(NAMES)))}
+  sj = {n: jnp.asarray(s[k], jnp.float32) for k, n in enumerate(NAMES)}
+  pairs = fsp_lib.default_fsp_pairs(NAMES)
+  assert pairs == (("stem", "section1"), ("section1", "section2"))
+  got = fsp_loss(tj, sj, pairs, (0.5, 2.0))
+  np.testing.assert_allclose(got, numpy_loss(t, s, ((0, 1), (1, 2)), (0.5, 2.0)),
+                             rtol=1e-5)
+  mats = fsp_lib.fsp_matrices(tj, (("section2", "stem"),), "avg")
+  assert len(mats) == 1 and mats[0].shape == (2, 5, 3)
+  np.testing.assert_allclose(mats[0], numpy_fsp(t[2], t[0], "avg"), rtol=1e-5, atol=1e-6)
+  # Under jit the dict comes back in sorted key order; named pairs do not care.
+  np.testing.assert_allclose(jax.jit(lambda a, b: fsp_loss(a, b, pairs, (0.5, 2.0)))(
+      tj, sj), got, rtol=1e-6)
+  with pytest.raises(ValueError, match="name the fsp_pairs"):
+    fsp_lib.fsp_matrices(tj)
+
+
+def test_pairs_resolve_from_names_or_indices_with_clear_errors():
+  assert fsp_lib.resolve_pairs(((0, 1), ("section1", 2)), NAMES) == (
+      ("stem", "section1"), ("section1", "section2"))
+  assert fsp_lib.resolve_name("section2", NAMES) == "section2"
+  assert fsp_lib.resolve_name(0, NAMES) == "stem"
+  with pytest.raises(ValueError, match="'section4' is not a feature"):
+    fsp_lib.resolve_pairs((("stem", "section4"),), NAMES)
+  with pytest.raises(ValueError, match="3 is out of range"):
+    fsp_lib.resolve_name(3, NAMES)
+  for bad in (-1, True, 1.0):
+    with pytest.raises(ValueError, match="out of range"):
+      fsp_lib.resolve_name(bad, NAMES)
+  assert fsp_lib.default_fsp_pairs(("stem",)) == ()
+
+
 def test_no_gradient_reaches_the_teacher():
   rng = np.random.default_rng(6)
   t = [jnp.asarray(f, jnp.float32) for f in _features(rng)]
@@ -149,6 +189,13 @@ def test_no_gradient_reaches_the_teacher():
   g_teacher, g_student = jax.grad(fsp_loss, argnums=(0, 1))(t, s)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in g_teacher)
   assert any(float(jnp.abs(g).max()) > 0.0 for g in g_student)
+  # The same with the models' named features.
+  pairs = fsp_lib.default_fsp_pairs(NAMES)
+  g_teacher, g_student = jax.grad(fsp_loss, argnums=(0, 1))(
+      dict(zip(NAMES, t)), dict(zip(NAMES, s)), pairs)
+  assert set(g_teacher) == set(NAMES)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in g_teacher.values())
+  assert all(float(jnp.abs(g).max()) > 0.0 for g in g_student.values())
 
 
 def test_fsp_loss_rejects_channel_mismatch_with_clear_error():
@@ -156,8 +203,11 @@ def test_fsp_loss_rejects_channel_mismatch_with_clear_error():
   s = [jnp.zeros((2, 8, 8, 8)), jnp.zeros((2, 8, 8, 8))]
   with pytest.raises(ValueError, match="equal channel counts"):
     fsp_loss(t, s)
-  with pytest.raises(ValueError, match="out of range"):
+  with pytest.raises(ValueError, match="does not return"):
     fsp_loss(t, t, fsp_pairs=((0, 5),))
+  named = dict(zip(("stem", "section1"), t))
+  with pytest.raises(ValueError, match="does not return"):
+    fsp_loss(named, named, fsp_pairs=(("stem", "section9"),))
   with pytest.raises(ValueError, match="one weight per pair"):
     fsp_loss(t, t, weights=(1.0, 2.0))
 

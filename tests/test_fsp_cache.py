@@ -3,65 +3,71 @@ import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsp_jax import config_lib, data, distillers, models, pipeline, train
+from fsp_jax import data, distillers, fsp, models, stages, train
+from fsp_jax.configs import default
 
-PAIRS = ((0, 1), (1, 2), (2, 3))
 
 
 def test_cached_teacher_matrices_give_the_recomputed_steps():
   ds = data.load_digits(16)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-  teacher = models.create_model("cifar_resnet14", 10)
-  student = models.create_model("cifar_resnet8", 10)
-  teacher_vars = train.init_variables(teacher, jax.random.PRNGKey(1), (16, 16, 1))
-  mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-  distiller = distillers.FSP(PAIRS)
+  stats = tuple(map(float, ds.mean)), tuple(map(float, ds.std))
+  teacher = models.Network(models.create_model("cifar_resnet14", 10), *stats)
+  student = models.Network(models.create_model("cifar_resnet8", 10), *stats)
+  teacher_vars = teacher.init(jax.random.PRNGKey(1), (16, 16, 1))
+  distiller = distillers.FSP(fsp.default_fsp_pairs(student.feature_names))
   teacher_fsp = jax.jit(lambda images: train.teacher_targets(
-      teacher.apply, teacher_vars, train.normalize(images, mean, std), distiller))
+      teacher, teacher_vars, images, distiller))
   # Batches of 40 over 4 devices: a different batch composition than training uses.
   cache = data.map_examples(teacher_fsp, ds.train_images, mesh, 40)
   n = len(ds.train_labels)
   assert [c.shape for c in cache] == [(n, 16, 16), (n, 16, 32), (n, 32, 64)]
   tx = train.create_optimizer(train.create_learning_rate_fn((1e-3,), ()), 0.9, 1e-4)
-  step = jax.jit(functools.partial(train.train_step, teacher_apply=teacher.apply,
+  step = jax.jit(functools.partial(train.train_step, student=student, teacher=teacher,
                                    distiller=distiller, use_labels=False))
   runs = []
   for extras in (None, {"teacher_targets": cache}):
-    variables = train.init_variables(student, jax.random.PRNGKey(0), (16, 16, 1))
+    variables = student.init(jax.random.PRNGKey(0), (16, 16, 1))
     state = train.create_train_state(student, variables, tx)
     losses = []
     for _, batch in data.train_batches(ds, mesh, 32, seed=0, start_step=0, num_steps=3,
                                        augment=False, extras=extras):
       assert ("teacher_targets" in batch) == (extras is not None)
-      if extras:  # No teacher at all: only the cached matrices.
-        state, metrics = step(state, None, batch, mean, std,
-                              targets=batch["teacher_targets"])
-      else:
-        state, metrics = step(state, teacher_vars, batch, mean, std)
+      # With the cache, no teacher at all: only the cached matrices.
+      state, metrics = step(state, batch, None if extras else teacher_vars)
       losses.append(float(metrics["loss"]))
     runs.append((losses, jax.device_get(state.params)))
   (l_recomputed, p_recomputed), (l_cached, p_cached) = runs
   assert l_recomputed[0] > 0
   np.testing.assert_allclose(l_cached, l_recomputed, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               p_cached, p_recomputed)
+  # The cached matrices come from batches of 40, the recomputed ones of 32: float32
+  # rounding differs, and Eq. 2's sum at initialisation (losses ~1e3) makes the first
+  # steps large and sensitive to it. So the updates must agree to 2 % of their size
+  # (an example's matrices paired with another example's would change them by O(1)).
+  initial = jax.device_get(train.create_train_state(
+      student, student.init(jax.random.PRNGKey(0), (16, 16, 1)), tx).params)
+  cached = jax.tree_util.tree_flatten_with_path(p_cached)[0]
+  for (path, a), b, w in zip(cached, jax.tree.leaves(p_recomputed),
+                             jax.tree.leaves(initial)):
+    update = np.abs(np.asarray(b) - np.asarray(w)).max()
+    assert np.all(np.abs(np.asarray(a) - np.asarray(b)) <= 0.02 * update + 1e-6), (
+        jax.tree_util.keystr(path))
 
 
 def tiny_config(augment=True):
-  config = config_lib.get_config()
+  config = default.get_config()
   config.data.source = "digits"
   config.data.image_size = (8, 8)
   config.data.pad = 1
   config.teacher.model = config.student.model = "cifar_resnet8"
-  config.teacher.schedule = config_lib.schedule(6, (0.1,), (), batch_size=32,
+  config.teacher.schedule = default.schedule(6, (0.1,), (), batch_size=32,
                                                 augment=augment)
-  config.fsp.schedule = config_lib.schedule(8, (1e-3,), (), batch_size=32,
+  config.fsp.schedule = default.schedule(8, (1e-3,), (), batch_size=32,
                                             augment=augment)
-  config.student.schedule = config_lib.schedule(1, (0.1,), (), batch_size=32)
+  config.student.schedule = default.schedule(1, (0.1,), (), batch_size=32)
   config.baselines = ()
   config.eval_batch_size = 120
   config.eval_every = 0
@@ -75,11 +81,11 @@ def _losses(stage_dir):
 
 
 def test_pipeline_cache_teacher_matches_recomputing(tmp_path):
-  recomputed = pipeline.run(tiny_config(augment=False), str(tmp_path / "a"))
+  recomputed = train.run(tiny_config(augment=False), str(tmp_path / "a"))
   config = tiny_config(augment=False)
   config.fsp.cache_teacher = True
   config.teacher.checkpoint = str(tmp_path / "a" / "teacher")
-  cached = pipeline.run(config, str(tmp_path / "b"))
+  cached = train.run(config, str(tmp_path / "b"))
   np.testing.assert_allclose(cached["fsp"]["test_fsp_loss"],
                              recomputed["fsp"]["test_fsp_loss"], rtol=1e-5)
   a, b = _losses(tmp_path / "a" / "fsp"), _losses(tmp_path / "b" / "fsp")
@@ -94,6 +100,6 @@ def test_cache_teacher_with_augmentation_is_a_clear_error():
   config.fsp.cache_teacher = True
   config.fsp.schedule.augment = True
   with pytest.raises(ValueError, match="fsp.schedule.augment=False"):
-    pipeline.plan_stages(config)  # Before any training.
+    stages.plan_stages(config)  # Before any training.
   config.fsp.schedule.augment = False
-  assert [s.name for s in pipeline.plan_stages(config)] == ["teacher", "fsp", "student"]
+  assert [s.name for s in stages.plan_stages(config)] == ["teacher", "fsp", "student"]

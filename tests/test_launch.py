@@ -6,6 +6,8 @@ import pytest
 
 from fsp_jax import launch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _run(capsys, *argv):
   code = launch.main(list(argv))
@@ -15,7 +17,7 @@ def _run(capsys, *argv):
 
 def test_tpu_dry_run_ssh_to_all_workers(capsys):
   code, out, _ = _run(capsys, "tpu", "--tpu", "my-v4-32", "--zone", "us-central2-b",
-                      "--project", "proj", "--config", "configs/cifar10_teacher.py",
+                      "--project", "proj", "--config", "cifar10_teacher",
                       "--workdir", "/mnt/shared/runs/t", "--dry_run",
                       "--config.seed=3", "--config.data.name=cifar100")
   assert code == 0
@@ -25,9 +27,11 @@ def test_tpu_dry_run_ssh_to_all_workers(capsys):
   assert "--worker=all" in argv
   remote, = [a[len("--command="):] for a in argv if a.startswith("--command=")]
   assert "git clone" not in remote  # No --setup.
-  train = remote.split("; cd fsp_jax; ")[1].split(" 2>&1 | tee ")[0]
+  # No checkout needed: the workers' installed fsp_jax resolves the config's name.
+  assert "cd " not in remote
+  train = remote.split("; mkdir -p /mnt/shared/runs/t/logs; ")[1].split(" 2>&1 | tee ")[0]
   assert shlex.split(train) == [
-      "python3", "-m", "fsp_jax.main", "--config=configs/cifar10_teacher.py",
+      "python3", "-m", "fsp_jax.main", "--config=cifar10_teacher",
       "--workdir=/mnt/shared/runs/t", "--distributed", "--config.seed=3",
       "--config.data.name=cifar100"]
   assert 'tee /mnt/shared/runs/t/logs/"$(hostname)".log' in remote
@@ -35,7 +39,7 @@ def test_tpu_dry_run_ssh_to_all_workers(capsys):
 
 def test_tpu_setup_and_detach(capsys):
   code, out, _ = _run(capsys, "tpu", "--tpu", "v5e", "--zone", "z", "--config",
-                      "configs/quickstart.py", "--workdir", "/mnt/nfs/my run",
+                      "quickstart:smoke", "--workdir", "/mnt/nfs/my run",
                       "--setup", "--git_url", "https://example.org/fsp_jax.git",
                       "--git_ref", "v0.1", "--detach", "--dry_run")
   assert code == 0
@@ -43,14 +47,25 @@ def test_tpu_setup_and_detach(capsys):
   assert "git clone -q https://example.org/fsp_jax.git fsp_jax" in remote
   assert "checkout -q v0.1" in remote
   assert "pip install -q -U 'jax[tpu]' -e fsp_jax" in remote
-  assert "nohup python3 -m fsp_jax.main" in remote and "< /dev/null &" in remote
+  assert "; cd fsp_jax; nohup python3 -m fsp_jax.main --config=quickstart:smoke " in remote
+  assert "< /dev/null &" in remote
   assert "'--workdir=/mnt/nfs/my run'" in remote  # Quoted for the remote shell.
+
+
+def test_tpu_repo_dir_runs_there_for_config_files_in_a_checkout(capsys):
+  code, out, _ = _run(capsys, "tpu", "--tpu", "t", "--zone", "z", "--config",
+                      "my_configs/sweep.py:lr=0.1", "--workdir", "/s/x",
+                      "--repo_dir", "work/fsp", "--dry_run")
+  assert code == 0
+  remote = shlex.split(out)[-1]
+  assert "; cd work/fsp; python3 -m fsp_jax.main --config=my_configs/sweep.py:lr=0.1 " in (
+      remote)
 
 
 def test_slurm_dry_run_prints_the_sbatch_script(capsys):
   code, out, _ = _run(capsys, "slurm", "--nodes", "4", "--gpus_per_node", "8",
                       "--partition", "gpu", "--time", "12:00:00", "--config",
-                      "configs/cifar10_minimization.py", "--workdir", "/shared/r",
+                      "cifar10_minimization", "--workdir", "/shared/r",
                       "--python", "/opt/venv/bin/python", "--repo_dir", "/shared/fsp_jax",
                       "--dry_run", "--config.half_precision=True")
   assert code == 0
@@ -59,12 +74,25 @@ def test_slurm_dry_run_prints_the_sbatch_script(capsys):
                "#SBATCH --partition=gpu", "#SBATCH --output=/shared/r/logs/slurm-%j.out",
                "#SBATCH --signal=TERM@120", "cd /shared/fsp_jax",
                "srun --kill-on-bad-exit=1 /opt/venv/bin/python -m fsp_jax.main "
-               "--config=configs/cifar10_minimization.py --workdir=/shared/r "
+               "--config=cifar10_minimization --workdir=/shared/r "
                "--distributed --config.half_precision=True"):
     assert line in out.splitlines(), line
   assert out.splitlines()[1] == "#!/bin/bash"
   assert out.rstrip().endswith("# then: sbatch /shared/r/launch/fsp_jax.sbatch")
   assert "--account" not in out
+
+
+def test_slurm_script_needs_no_checkout(capsys):
+  """By default the nodes run the installed fsp_jax where sbatch runs: the script
+  names no directory of this checkout."""
+  code, out, _ = _run(capsys, "slurm", "--config", "cifar10_minimization:method=fitnet",
+                      "--workdir", "/shared/r", "--python", "/opt/venv/bin/python",
+                      "--dry_run")
+  assert code == 0
+  assert REPO not in out and not any(l.startswith("cd ") for l in out.splitlines())
+  assert ("srun --kill-on-bad-exit=1 /opt/venv/bin/python -m fsp_jax.main "
+          "--config=cifar10_minimization:method=fitnet --workdir=/shared/r "
+          "--distributed") in out.splitlines()
 
 
 def test_slurm_writes_the_script_and_submits(tmp_path, monkeypatch, capsys):
@@ -74,13 +102,17 @@ def test_slurm_writes_the_script_and_submits(tmp_path, monkeypatch, capsys):
                       lambda cmd, check: calls.append(cmd) or
                       type("Done", (), {"returncode": 0})())
   workdir = str(tmp_path / "run")
-  code, out, _ = _run(capsys, "slurm", "--config", "configs/quickstart.py",
+  code, out, _ = _run(capsys, "slurm", "--config", "quickstart",
                       "--workdir", workdir)
   assert code == 0
   script = tmp_path / "run" / "launch" / "fsp_jax.sbatch"
   assert calls == [["sbatch", str(script)]]
-  assert script.read_text().startswith("#!/bin/bash\n#SBATCH --job-name=fsp_jax\n")
+  text = script.read_text()
+  assert text.startswith("#!/bin/bash\n#SBATCH --job-name=fsp_jax\n")
+  assert "--config=quickstart " in text
+  assert not any(l.startswith("cd ") for l in text.splitlines())
   assert (tmp_path / "run" / "logs").is_dir()
+  assert sorted(os.listdir(tmp_path / "run")) == ["launch", "logs"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -94,6 +126,10 @@ def test_slurm_writes_the_script_and_submits(tmp_path, monkeypatch, capsys):
       "--dry_run", "--seed=1"], "config overrides look like --config.FIELD=VALUE"),
     (["tpu", "--tpu", "t", "--zone", "z", "--config", "c.py", "--workdir", "/s/x",
       "--setup", "--dry_run"], "give its URL with --git_url"),
+    (["slurm", "--config", "cifar10_minimisation", "--workdir", "/s/x", "--dry_run"],
+     "unknown config 'cifar10_minimisation'; the shipped configs are "),
+    (["tpu", "--tpu", "t", "--zone", "z", "--config", "quickstart:smok", "--workdir",
+      "/s/x", "--dry_run"], "unknown config argument 'smok'"),
 ])
 def test_bad_requests_are_one_line_errors(capsys, argv, message):
   code, out, err = _run(capsys, *argv)
@@ -116,17 +152,23 @@ def test_missing_required_flag_is_a_usage_error(capsys):
   assert "--tpu" in capsys.readouterr().err
 
 
-def test_launch_shell_wrappers_dry_run():
+def test_launch_shell_wrappers_dry_run(tmp_path):
+  """The wrappers run from any directory: they need the installed fsp_jax only."""
   import subprocess
   import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
              os.environ.get("PATH", ""))
-  out = subprocess.run(["bash", os.path.join(repo, "launch", "slurm.sh"), "2", "8",
-                        "configs/cifar10_minimization.py", "/shared/runs/x", "--dry_run"],
-                       cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sh"), "2", "8",
+                        "cifar10_minimization", "/shared/runs/x", "--dry_run"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "#SBATCH --nodes=2" in out.stdout and "--distributed" in out.stdout
-  bad = subprocess.run(["bash", os.path.join(repo, "launch", "tpu_pod.sh")], cwd=repo,
+  assert "--config=cifar10_minimization --workdir=/shared/runs/x" in out.stdout
+  tpu = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "t", "z",
+                        "quickstart:smoke", "/shared/runs/y", "--dry_run"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert tpu.returncode == 0, tpu.stderr
+  assert "--config=quickstart:smoke --workdir=/shared/runs/y --distributed" in tpu.stdout
+  bad = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh")], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "usage" in bad.stderr

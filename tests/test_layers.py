@@ -89,19 +89,29 @@ def test_training_step_matches_the_library_layers(monkeypatch):
   rng = np.random.default_rng(2)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (16, 16, 16, 3)), jnp.uint8),
            "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
-  mean, std = jnp.full((3,), 120.0), jnp.full((3,), 60.0)
+  mean, std = (120.0,) * 3, (60.0,) * 3
   tx = train.create_optimizer(train.create_learning_rate_fn((0.1,), ()), 0.9, 1e-4)
+  traced = []  # Convolutions traced with lax's: the patch reached the step.
+
+  def lax_conv(*args, **kwargs):
+    traced.append(1)
+    return lax.conv_general_dilated(*args, **kwargs)
+
   runs = []
   for library in (True, False):
     if library:
-      monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
+      monkeypatch.setattr(layers, "conv_general_dilated", lax_conv)
       monkeypatch.setattr(layers, "BatchNorm", nn.BatchNorm)
     else:
       monkeypatch.undo()
-    model = models.create_model("cifar_resnet8", 10)
-    variables = train.init_variables(model, jax.random.PRNGKey(0), (16, 16, 3))
-    state = train.create_train_state(model, variables, tx)
-    state, metrics = jax.jit(train.classify_step)(state, batch, mean, std)
+    net = models.Network(models.create_model("cifar_resnet8", 10), mean, std)
+    variables = net.init(jax.random.PRNGKey(0), (16, 16, 3))
+    state = train.create_train_state(net, variables, tx)
+    # A new jitted function each time: the second run is traced afresh.
+    step = jax.jit(functools.partial(train.train_step, student=net))
+    n_traced = len(traced)
+    state, metrics = step(state, batch)
+    assert (len(traced) > n_traced) == library
     runs.append((float(metrics["loss"]), jax.device_get(state.params),
                  jax.device_get(state.batch_stats)))
   (l0, p0, b0), (l1, p1, b1) = runs

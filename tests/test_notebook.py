@@ -1,4 +1,6 @@
-"""The Colab notebook runs top to bottom (on the CPU, with its small settings)."""
+"""The Colab notebook runs top to bottom (on the CPU, with its small settings), against
+the installed fsp_jax and its shipped configs."""
+import importlib.util
 import json
 import os
 
@@ -16,6 +18,16 @@ def test_committed_notebook_has_no_outputs():
   assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+def test_notebook_uses_the_shipped_config_and_the_library():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+  assert 'config_lib.load("quickstart:smoke" if SMALL else "quickstart")' in code
+  assert "train.run(config, WORKDIR)" in code and "metrics.results_table(results)" in code
+  # Nothing re-typed from configs/quickstart.py, nothing imported from the checkout.
+  for absent in ("cifar_resnet14", "schedule(", "sys.path", "image_size"):
+    assert absent not in code, absent
+
+
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   # The kernel inherits this environment.
@@ -24,12 +36,21 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   # One device: data parallelism is tested elsewhere; this keeps the run short.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  # The installed package only: the kernel starts outside the checkout, which is not
+  # on its path either (the install cell finds fsp_jax installed and skips pip).
+  monkeypatch.delenv("PYTHONPATH", raising=False)
+  cwd = tmp_path / "kernel_cwd"
+  cwd.mkdir()
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": REPO}}).execute()
+                          resources={"metadata": {"path": str(cwd)}}).execute()
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
+  installed = os.path.dirname(importlib.util.find_spec("fsp_jax").origin)
+  assert f"from {installed}\n" in text
+  assert "shipped configs: " in text and "quickstart" in text
   assert "devices: [CpuDevice(id=0)" in text
+  assert "teacher cifar_resnet8, student cifar_resnet8, stages of 12 (teacher)" in text
   assert "max |G - loop|" in text and "FSP student (stage 2)" in text
   assert "after stage 1" in text
   images = sum("image/png" in o.get("data", {}) for c in nb.cells
@@ -37,3 +58,4 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert images == 3  # FSP matrices at init, accuracy curves, teacher vs student.
   results = json.load(open(workdir / "results.json"))
   assert set(results) == {"teacher", "fsp", "student"}
+  assert results["teacher"]["steps"] == 12 and results["student"]["steps"] == 8

@@ -1,4 +1,4 @@
-"""On a tiny pipeline run: TensorBoard runs per stage, and the plots command."""
+"""On a smoke run of the quickstart: TensorBoard runs per stage, and the plots command."""
 import json
 import os
 import shutil
@@ -7,30 +7,21 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator, event_multiplexer
 
-from fsp_jax import config_lib, pipeline, plots
+from fsp_jax import config_lib, plots, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  """A workdir with teacher, fsp, student and scratch stages (a few steps each)."""
-  config = config_lib.get_config()
-  config.data.source = "digits"
-  config.data.image_size = (8, 8)
-  config.data.pad = 1
-  config.teacher.model = "cifar_resnet8"
-  config.student.model = "cifar_resnet8"
-  config.teacher.schedule = config_lib.schedule(8, (0.1,), (), batch_size=32)
-  config.fsp.schedule = config_lib.schedule(8, (1e-3,), (), batch_size=32)
-  config.student.schedule = config_lib.schedule(8, (0.1,), (), batch_size=32)
-  config.baselines = ("scratch",)
-  config.eval_batch_size = 120
-  config.eval_every = 4
-  config.log_every = 4
-  config.checkpoint_every = 8
+  """A workdir with teacher, fsp, student and scratch stages (a few steps each):
+  the shipped `quickstart:smoke` (digits at 8x8, ResNet-8s, evaluations every 4 steps),
+  checkpoints only at the end of a stage."""
+  config = config_lib.load("quickstart:smoke")
+  assert tuple(config.baselines) == ("scratch",)
+  config.checkpoint_every = 100
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  return workdir, pipeline.run(config, workdir)
+  return workdir, train.run(config, workdir)
 
 
 def test_tensorboard_shows_one_run_per_stage(tiny_run):
@@ -56,10 +47,11 @@ def test_tensorboard_shows_one_run_per_stage(tiny_run):
   np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
 
 
-def test_fsp_snapshots_distance_is_the_pipelines_test_fsp_loss(tiny_run):
+def test_fsp_snapshots_distance_is_the_runs_test_fsp_loss(tiny_run):
   workdir, results = tiny_run
   snaps = plots.fsp_snapshots(workdir, num_images=10_000)  # The whole test set.
-  assert snaps["pairs"] == ((0, 1), (1, 2), (2, 3))
+  assert snaps["pairs"] == (("stem", "section1"), ("section1", "section2"),
+                            ("section2", "section3"))
   assert [m.shape for m in snaps["teacher"]] == [(16, 16), (16, 32), (32, 64)]
   assert snaps["stage1_step"] == 8
   np.testing.assert_allclose(sum(snaps["distance"]["stage1"]),

@@ -1,6 +1,6 @@
 """Real processes killed and resumed, several processes, and workdirs that do not fit.
 
-Every run here is the real command line in a subprocess on `configs/tiny.py` (2 CPU
+Every run here is the real command line in a subprocess on `quickstart:smoke` (2 CPU
 devices, see conftest's `cli_env`), without the scratch baseline: teacher, stage 1,
 stage 2.
 """
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import with_devices
-from fsp_jax import checkpoints, pipeline
+from fsp_jax import checkpoints, metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
+TINY = "quickstart:smoke"
 FAULTS = os.path.join(REPO, "tests", "fault_injection.py")
 STAGES = ("teacher", "fsp", "student")
 
@@ -120,8 +120,8 @@ def clean_run(env, tmp_path_factory):
 
 def assert_same_run(workdir, clean):
   """Same results.json numbers, metrics and final weights as the uninterrupted run."""
-  got = json.load(open(os.path.join(workdir, pipeline.RESULTS)))
-  want = json.load(open(os.path.join(clean, pipeline.RESULTS)))
+  got = json.load(open(os.path.join(workdir, metrics_lib.RESULTS)))
+  want = json.load(open(os.path.join(clean, metrics_lib.RESULTS)))
   assert got.keys() == want.keys()
   for name in want:
     for key in ("steps", "test_accuracy", "test_loss", "test_fsp_loss"):
@@ -139,7 +139,7 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(env, clean_run, tmp_p
   assert rc == -signal.SIGKILL, out
   assert committed_steps(workdir / "teacher") == [4]
   assert tmp_folders(workdir / "teacher"), "the kill should leave a cut-short save"
-  assert not (workdir / pipeline.RESULTS).exists()
+  assert not (workdir / metrics_lib.RESULTS).exists()
 
   # 2. Resumes the teacher from step 4 (the cut-short save is deleted), then an outside
   # SIGKILL lands somewhere in stage 1 after its step 2 (wherever the process is).
@@ -147,15 +147,15 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(env, clean_run, tmp_p
   assert rc == -signal.SIGKILL, out
   assert "[teacher] resumes from its checkpoint at step 4" in out
   assert not tmp_folders(workdir / "teacher")
-  assert list(json.load(open(workdir / pipeline.RESULTS))) == ["teacher"]
+  assert list(json.load(open(workdir / metrics_lib.RESULTS))) == ["teacher"]
 
   # 3. SIGKILL after stage 1's final checkpoint and metrics, mid-way through writing
   # results.json (its temporary file is half written).
   rc, out = run_cli(env, workdir, fault="before_results:fsp")
   assert rc == -signal.SIGKILL, out
   assert committed_steps(workdir / "fsp")[-1] == 8
-  assert (workdir / (pipeline.RESULTS + ".tmp")).exists()
-  assert "fsp" not in json.load(open(workdir / pipeline.RESULTS))
+  assert (workdir / (metrics_lib.RESULTS + ".tmp")).exists()
+  assert "fsp" not in json.load(open(workdir / metrics_lib.RESULTS))
 
   # 4. Stage 1 is only evaluated again; SIGTERM before stage 2's step 5 (0-based): it
   # saves step 6, an off-schedule step, and exits with 143.
@@ -221,8 +221,8 @@ def test_two_processes_match_one_process_with_two_devices(env, clean_run, tmp_pa
   assert "results:" in out0 and "results:" not in out1  # Reports from process 0 only.
   assert "[student]" not in out1  # Progress lines too.
 
-  got = json.load(open(workdir / pipeline.RESULTS))
-  want = json.load(open(clean_run / pipeline.RESULTS))
+  got = json.load(open(workdir / metrics_lib.RESULTS))
+  want = json.load(open(clean_run / metrics_lib.RESULTS))
   assert list(got) == ["fsp", "student"]
   for name in got:
     a, b = metrics(workdir / name), metrics(clean_run / name)

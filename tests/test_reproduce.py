@@ -1,4 +1,5 @@
-"""The reproduction grid's configs and ablations (fsp_jax.reproduce), without training."""
+"""The reproduction grid's configs and ablations (experiments/reproduce.py), without
+training."""
 import argparse
 import os
 import sys
@@ -8,7 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsp_jax import models, pipeline, reproduce, train
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # experiments/ is a folder of the checkout, not of the package.
+
+from experiments import reproduce  # noqa: E402
+from fsp_jax import models, stages  # noqa: E402
 
 
 def _args(tmp_path, **kw):
@@ -40,7 +45,7 @@ def test_grid_keeps_the_papers_schedule_shape(tmp_path):
   assert t3.student.schedule.eval_every == 80
   # teacher_short does not depend on stage 1: table1_short runs it alone.
   short = reproduce.grid_config(args, "table1_short", 0)
-  assert [s.name for s in pipeline.plan_stages(short)] == ["teacher_short"]
+  assert [s.name for s in stages.plan_stages(short)] == ["teacher_short"]
 
 
 def test_table3_element_mean_long_is_the_x5_ablation_with_its_scratch_runs(tmp_path):
@@ -104,7 +109,7 @@ def test_scaling_conv_kernels_keeps_the_function():
   """What the renorm_kernels ablation relies on: every conv kernel feeds batch norm,
   so rescaling kernels leaves the network's training-mode outputs unchanged."""
   model = models.create_model("cifar_resnet8", 10)
-  variables = train.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
 
   def scale(path, v):
@@ -114,8 +119,10 @@ def test_scaling_conv_kernels_keeps_the_function():
   (a, fa), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
   (b, fb), _ = model.apply(scaled, x, train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
-  for u, v in zip(fa, fb):
-    np.testing.assert_allclose(jnp.asarray(v), jnp.asarray(u), rtol=1e-3, atol=1e-4)
+  assert list(fa) == list(fb) == list(model.feature_names)
+  for name in fa:
+    np.testing.assert_allclose(jnp.asarray(fb[name]), jnp.asarray(fa[name]), rtol=1e-3,
+                               atol=1e-4)
 
 
 def test_grid_plan_runs_each_run_after_the_runs_it_reads(tmp_path):
@@ -211,3 +218,79 @@ def test_parallel_grid_skips_what_reads_a_diverged_run_and_stops_on_errors(
   started = {n for k, n in _read_events(events) if k == "start"}
   assert "t1_seed0" not in started and "t1_seed1" not in started
   assert ablations == []
+
+
+def test_workers_run_this_script_and_it_runs_from_anywhere(tmp_path):
+  """--jobs workers are `python experiments/reproduce.py ... --run NAME`; the script
+  needs only the installed fsp_jax, whatever the working directory."""
+  import subprocess
+  run = reproduce.GridRun("table3_seed1", None, ("table3_seed0",))
+  cmd = reproduce.worker_command(["--scale", "0.01"], run)
+  assert cmd[:2] == [sys.executable, os.path.join(REPO, "experiments", "reproduce.py")]
+  assert cmd[2:] == ["--scale", "0.01", "--jobs", "1", "--run", "table3_seed1"]
+  out = subprocess.run(cmd[:2] + ["--workdir", str(tmp_path / "w"), "--data_root", "",
+                                  "--run", "nope"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 2, out.stderr
+  assert "--run 'nope' is not a run of this grid; its runs: teacher, table3_seed0" in (
+      out.stderr)
+
+
+def _untrained_teacher_runs(tmp_path, seeds):
+  """(config, run directory) of teacher-only smoke runs whose final checkpoints hold
+  random weights (no training, no compiled initialisation), as a finished run leaves
+  them."""
+  from fsp_jax import checkpoints, config_lib
+
+  def random_weights(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      return np.full(leaf.shape, 1.0 if "var" in name else 0.0, leaf.dtype)
+    return (0.3 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+  rng = np.random.default_rng(0)
+  runs = []
+  for seed in seeds:
+    config = config_lib.load("quickstart:smoke")
+    config.teacher_only, config.seed = True, seed
+    run_dir = str(tmp_path / f"seed{seed}")
+    stage, = stages.plan_stages(config)
+    stage_dir = os.path.join(run_dir, stage.name)
+    checkpoints.write_stage_info(stage_dir, {"fingerprint": stages.fingerprint(
+        config, stage, [stage])})
+    exp = stages.setup(config, run_dir)
+    checkpoints.save_model(stage_dir, jax.tree_util.tree_map_with_path(
+        random_weights, stages.abstract_variables(exp, "teacher")))
+    runs.append((config, run_dir))
+  return runs, exp
+
+
+def test_ensemble_of_averages_softmaxes_and_caches_test_logits(tmp_path):
+  """The library keeps no test logits: reproduce computes each model's from its final
+  checkpoint once, keeps them beside it, and reads them back."""
+  from fsp_jax import checkpoints, train
+  runs, exp = _untrained_teacher_runs(tmp_path, (0, 1))
+  labels = exp.dataset.test_labels
+  logits = []
+  for config, run_dir in runs:
+    run_exp = stages.setup(config, run_dir)
+    variables, _ = checkpoints.restore_model(os.path.join(run_dir, "teacher"),
+                                             stages.abstract_variables(run_exp, "teacher"))
+    logits.append(train.predict(run_exp.networks["teacher"], variables,
+                                run_exp.dataset.test_images, run_exp.mesh,
+                                config.eval_batch_size))
+  probs = sum(jax.nn.softmax(l.astype(np.float64), -1) for l in logits)
+  want = float(np.mean(np.argmax(probs, -1) == labels))
+  assert reproduce.ensemble_of(runs, "teacher", "teacher") == pytest.approx(want)
+  cached = [os.path.join(d, "teacher", reproduce.TEST_LOGITS) for _, d in runs]
+  for path, l in zip(cached, logits):
+    np.testing.assert_allclose(np.load(path), l, rtol=1e-5, atol=1e-5)
+  # Read back, not recomputed: logits that are the labels give an ensemble of 100 %.
+  np.save(cached[0], 100.0 * np.eye(exp.dataset.num_classes, dtype=np.float32)[labels])
+  assert reproduce.ensemble_of(runs[:1], "teacher", "teacher") == 1.0
+  # A file cut short (a kill while writing it) or of another test set is recomputed.
+  with open(cached[0], "r+b") as f:
+    f.truncate(100)
+  assert reproduce.ensemble_of(runs, "teacher", "teacher") == pytest.approx(want)
+  np.save(cached[1], logits[1][:10])
+  assert reproduce.ensemble_of(runs, "teacher", "teacher") == pytest.approx(want)
+  np.testing.assert_allclose(np.load(cached[1]), logits[1], rtol=1e-5, atol=1e-5)

@@ -1,5 +1,4 @@
-"""End to end: a tiny pipeline, stage hand-over, resume, and CLI errors."""
-import importlib.util
+"""End to end: a smoke-size experiment, stage hand-over, resume, and CLI errors."""
 import json
 import os
 import subprocess
@@ -10,27 +9,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fsp_jax import checkpoints, config_lib, models, pipeline, train
+from fsp_jax import checkpoints, config_lib, data, metrics, models, stages, train
+from fsp_jax.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  """configs/tiny.py: digits at 8x8, ResNet-8 teacher and student, a few steps."""
-  spec = importlib.util.spec_from_file_location(
-      "tiny_config", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """quickstart:smoke: digits at 8x8, ResNet-8 teacher and student, a few steps."""
+  return config_lib.load("quickstart:smoke")
 
 
 def _final_model(stage_dir, template):
   return checkpoints.restore_model(stage_dir, template)[0]
 
 
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_smoke_experiment_end_to_end(tmp_path):
   config = tiny_config()
-  results = pipeline.run(config, str(tmp_path))
+  results = train.run(config, str(tmp_path))
   assert list(results) == ["teacher", "fsp", "student", "scratch"]
   for name in ("teacher", "student", "scratch"):
     assert 0.0 <= results[name]["test_accuracy"] <= 1.0
@@ -41,10 +37,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "fsp" / "metrics.jsonl")]
   assert [l["step"] for l in lines if "loss" in l] == [4, 8]
   assert any("test_fsp_loss" in l for l in lines)
-  table = pipeline.results_table(results)
+  table = metrics.results_table(results)
   assert "FSP student" in table and "student from scratch" in table
   # Re-running skips finished stages.
-  again = pipeline.run(config, str(tmp_path))
+  again = train.run(config, str(tmp_path))
   assert again == results
 
 
@@ -52,28 +48,20 @@ def test_evaluations_during_a_stage_can_take_a_fixed_test_subset(tmp_path):
   config = tiny_config()
   config.teacher_only = True
   config.eval_examples = 60
-  p = pipeline.Pipeline(config, str(tmp_path))
-  results = p.run()
+  results = train.run(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "teacher" / "metrics.jsonl")]
   evals = [r for r in rows if "test_accuracy" in r]
   assert [r["step"] for r in evals] == [4, 8, 12]
   assert [r.get("test_examples") for r in evals] == [60, 60, None]  # Final: all.
   assert evals[-1]["test_accuracy"] == results["teacher"]["test_accuracy"]
   # The same random subset every time, not the first examples (class-ordered sets).
-  images, labels = p._test_split(60)
-  again, _ = p._test_split(60)
+  dataset = data.load_dataset(config.data)
+  images, labels = data.test_split(dataset, 60)
+  again, _ = data.test_split(dataset, 60)
   np.testing.assert_array_equal(images, again)
   assert len(set(labels.tolist())) >= 8
-  assert not np.array_equal(images, p.dataset.test_images[:60])
-  assert p._test_split(0)[1] is p.dataset.test_labels
-  # The final evaluation saved the test logits (for ensembles): those of the final
-  # weights, and the accuracy they give is the stage's.
-  saved = np.load(tmp_path / "teacher" / pipeline.TEST_LOGITS)
-  computed = p.predict("teacher", p.final_variables("teacher", "teacher"))
-  np.testing.assert_allclose(saved, computed, rtol=1e-5, atol=1e-5)
-  assert np.mean(saved.argmax(-1) == p.dataset.test_labels) == pytest.approx(
-      results["teacher"]["test_accuracy"])
-  np.testing.assert_array_equal(p.test_logits("teacher", "teacher"), saved)
+  assert not np.array_equal(images, dataset.test_images[:60])
+  assert data.test_split(dataset, 0)[1] is dataset.test_labels
 
 
 def test_stage_two_starts_from_stage_one_final_weights(tmp_path):
@@ -81,25 +69,25 @@ def test_stage_two_starts_from_stage_one_final_weights(tmp_path):
   config.baselines = ()
   # A zero learning rate and no weight decay: stage 2's parameters never move, so its
   # final parameters are its initial ones.
-  config.student.schedule = config_lib.schedule(4, (0.0,), (), batch_size=32,
-                                                weight_decay=0.0)
-  p = pipeline.Pipeline(config, str(tmp_path))
-  p.run()
-  template = p.init_variables("student")
+  config.student.schedule = default.schedule(4, (0.0,), (), batch_size=32,
+                                             weight_decay=0.0)
+  train.run(config, str(tmp_path))
+  exp = stages.setup(config, str(tmp_path))
+  template = stages.random_variables(exp, "student")
   fsp_final = _final_model(str(tmp_path / "fsp"), template)
   student_final = _final_model(str(tmp_path / "student"), template)
   jax.tree.map(np.testing.assert_array_equal, fsp_final["params"], student_final["params"])
-  scratch = p.init_variables("student")
+  scratch = stages.random_variables(exp, "student")
   assert not np.array_equal(fsp_final["params"]["stem_conv"]["kernel"],
                             scratch["params"]["stem_conv"]["kernel"])
 
 
 def test_pretrained_weights_fine_tune_with_a_new_classifier(tmp_path):
   ten = models.create_model("cifar_resnet8", 10)
-  pre = train.init_variables(ten, jax.random.PRNGKey(5), (8, 8, 1))
+  pre = models.init_variables(ten, jax.random.PRNGKey(5), (8, 8, 1))
   checkpoints.save_model(str(tmp_path / "pre"), pre)
   five = models.create_model("cifar_resnet8", 5)
-  init = train.init_variables(five, jax.random.PRNGKey(0), (8, 8, 1))
+  init = models.init_variables(five, jax.random.PRNGKey(0), (8, 8, 1))
   out, step = checkpoints.restore_pretrained(str(tmp_path / "pre"), init)
   assert step == 0
   np.testing.assert_array_equal(out["params"]["stem_conv"]["kernel"],
@@ -108,8 +96,8 @@ def test_pretrained_weights_fine_tune_with_a_new_classifier(tmp_path):
                                 pre["batch_stats"]["stem_bn"]["var"])
   np.testing.assert_array_equal(out["params"]["classifier"]["kernel"],
                                 init["params"]["classifier"]["kernel"])
-  other = train.init_variables(models.create_model("cifar_resnet14", 5),
-                               jax.random.PRNGKey(0), (8, 8, 1))
+  other = models.init_variables(models.create_model("cifar_resnet14", 5),
+                                jax.random.PRNGKey(0), (8, 8, 1))
   with pytest.raises(ValueError, match="another architecture"):
     checkpoints.restore_pretrained(str(tmp_path / "pre"), other)
 
@@ -120,38 +108,39 @@ def test_fitnet_and_adapted_fsp_stages_hand_over_the_student_alone(tmp_path):
   # The teacher fine-tunes pretrained weights of another task (3 classes); with a zero
   # learning rate, its final weights are those weights and a new 10-way classifier.
   teacher = models.create_model("cifar_resnet8", 3, width_multiplier=2)
-  pretrained = train.init_variables(teacher, jax.random.PRNGKey(7), (8, 8, 1))
+  pretrained = models.init_variables(teacher, jax.random.PRNGKey(7), (8, 8, 1))
   checkpoints.save_model(str(tmp_path / "pretrained"), pretrained)
   config.teacher.pretrained = str(tmp_path / "pretrained")
-  config.teacher.schedule = config_lib.schedule(2, (0.0,), (), batch_size=32,
-                                                weight_decay=0.0)
+  config.teacher.schedule = default.schedule(2, (0.0,), (), batch_size=32,
+                                             weight_decay=0.0)
   config.fsp.adapter = True
   config.methods = ("fsp", "fitnet")
   config.baselines = ()
-  config.fsp.schedule = config_lib.schedule(4, (1e-3,), (), batch_size=32)
-  config.fitnet.schedule = config_lib.schedule(4, (1e-3,), (), batch_size=32)
+  config.fsp.schedule = default.schedule(4, (1e-3,), (), batch_size=32)
+  config.fitnet.schedule = default.schedule(4, (1e-3,), (), batch_size=32)
   # Stage 2 with a zero learning rate: its final weights are its initial ones.
-  config.student.schedule = config_lib.schedule(2, (0.0,), (), batch_size=32,
-                                                weight_decay=0.0)
+  config.student.schedule = default.schedule(2, (0.0,), (), batch_size=32,
+                                             weight_decay=0.0)
   config.eval_every = 0
-  p = pipeline.Pipeline(config, str(tmp_path))
-  results = p.run()
+  results = train.run(config, str(tmp_path))
+  exp = stages.setup(config, str(tmp_path))
   assert list(results) == ["teacher", "fsp", "student", "fitnet_hint", "fitnet"]
   assert results["fsp"]["test_fsp_loss"] > 0 and results["fitnet_hint"]["test_hint_loss"] > 0
   lines = [json.loads(l) for l in open(tmp_path / "fitnet" / "metrics.jsonl")]
   assert all(np.isfinite(l["kd_loss"]) for l in lines if "kd_loss" in l)
-  teacher_final = _final_model(str(tmp_path / "teacher"), p.init_variables("teacher"))
+  teacher_final = _final_model(str(tmp_path / "teacher"),
+                               stages.random_variables(exp, "teacher"))
   np.testing.assert_array_equal(teacher_final["params"]["section2_module1"]["conv1"][
       "kernel"], pretrained["params"]["section2_module1"]["conv1"]["kernel"])
   assert teacher_final["params"]["classifier"]["kernel"].shape == (64 * 2, 10)
-  template = p.init_variables("student")
+  template = stages.random_variables(exp, "student")
   for stage1, stage2 in (("fsp", "student"), ("fitnet_hint", "fitnet")):
     a = _final_model(str(tmp_path / stage1), template)
     b = _final_model(str(tmp_path / stage2), template)
     jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
     # The stage-1 objective's own parameters were trained and saved apart.
-    stage = next(s for s in p.stages if s.name == stage1)
-    initial = p.init_distiller_params(stage)
+    stage = next(s for s in exp.stages if s.name == stage1)
+    initial = stages.initial_distiller_params(exp, stage, exp.distiller(stage))
     with checkpoints.manager(str(tmp_path / stage1)) as mngr:
       saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
           distiller=ocp.args.StandardRestore(initial))).distiller
@@ -167,10 +156,10 @@ class _Interrupt(Exception):
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
   config = tiny_config()
   config.baselines = ()
-  pipeline.run(config, str(tmp_path / "clean"))
+  train.run(config, str(tmp_path / "clean"))
 
   # Interrupt stage 1 after its 6th step (last checkpoint at step 4).
-  real = pipeline.data.train_batches
+  real = data.train_batches
 
   def interrupted(*args, **kwargs):
     for step, batch in real(*args, **kwargs):
@@ -179,27 +168,27 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
       yield step, batch
 
   _stage = [None]
-  real_run_stage = pipeline.Pipeline.run_stage
+  real_stage = train.train_and_evaluate
 
-  def run_stage(self, stage):
+  def train_and_evaluate(exp, stage, *args):
     _stage[0] = stage.name
-    return real_run_stage(self, stage)
+    return real_stage(exp, stage, *args)
 
-  monkeypatch.setattr(pipeline.data, "train_batches", interrupted)
-  monkeypatch.setattr(pipeline.Pipeline, "run_stage", run_stage)
+  monkeypatch.setattr(data, "train_batches", interrupted)
+  monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
   with pytest.raises(_Interrupt):
-    pipeline.run(config, str(tmp_path / "resumed"))
+    train.run(config, str(tmp_path / "resumed"))
   assert json.load(open(tmp_path / "resumed" / "results.json")).keys() == {"teacher"}
-  monkeypatch.setattr(pipeline.data, "train_batches", real)
-  resumed = pipeline.run(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(data, "train_batches", real)
+  resumed = train.run(config, str(tmp_path / "resumed"))
 
   clean = json.load(open(tmp_path / "clean" / "results.json"))
   for name in ("teacher", "fsp", "student"):
     for key in ("test_accuracy", "test_fsp_loss"):
       if key in clean[name]:
         np.testing.assert_allclose(resumed[name][key], clean[name][key], rtol=1e-5)
-  p = pipeline.Pipeline(config, str(tmp_path / "clean"))
-  template = p.init_variables("student")
+  template = stages.random_variables(stages.setup(config, str(tmp_path / "clean")),
+                                     "student")
   a = _final_model(str(tmp_path / "clean" / "student"), template)
   b = _final_model(str(tmp_path / "resumed" / "student"), template)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
@@ -220,15 +209,21 @@ def _assert_one_line_error(proc, message):
 @pytest.mark.parametrize("args,message", [
     (["--config.no_such_field=1"], "unknown config field 'no_such_field'"),
     (["--config.data.sorce=digits"], "unknown config field 'sorce'"),
-    (["--config=configs/no_such_config.py"], "cannot load the --config file"),
+    (["--config=configs/no_such_config.py"], "cannot load the --config"),
+    (["--config=no_such_config"], "unknown config 'no_such_config'"),
+    (["--config=quickstart:bogus"], "unknown config argument 'bogus'"),
+    (["--config.student.schedule.boundaries=(1,2)"],
+     "student.schedule: 2 learning rates need 1 boundaries; got 2"),
     (["--config.data.source=tfds", "--config.data.name=no_such_dataset_xyz"],
      "unknown tensorflow-datasets data set"),
     (["--config.data.source=imagenet_csv"], "unknown data source 'imagenet_csv'"),
     (["--config.data.source=folder", "--config.data.root=FOLDER"],
      "is not a readable image"),
     (["--config.teacher.checkpoint=/nonexistent/teacher"], "teacher checkpoint"),
-    (["--config.teacher.width_multiplier=2"], "cannot be paired for FSP"),
-    (["--config.fsp.fsp_pairs=((0,9),)"], "FSP pair (0, 9) is out of range"),
+    (["--config.teacher.width_multiplier=2"], "cannot be paired for stage 'fsp'"),
+    (["--config.fsp.fsp_pairs=((0,9),)"], "fsp.fsp_pairs entry 9 is out of range"),
+    (["--config.fsp.fsp_pairs=(('stem','sektion1'),)"],
+     "fsp.fsp_pairs entry 'sektion1' is not a feature"),
     (["--config.teacher.model=cifar_resnet27"], "unknown model"),
     (["--num_processes=2"], "go together"),
     (["--config.methods=('fitnet', 'bogus')"], "unknown distillation methods"),
@@ -243,8 +238,7 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, cli_env, args, message):
       f.write("not a jpeg")
     args = [a.replace("FOLDER", root) for a in args]
   workdir = tmp_path / "w"
-  proc = _cli(cli_env, "--config", os.path.join(REPO, "configs", "tiny.py"),
-              "--workdir", str(workdir), *args)
+  proc = _cli(cli_env, "--config", "quickstart:smoke", "--workdir", str(workdir), *args)
   _assert_one_line_error(proc, message)
   assert not os.path.exists(workdir / "teacher")  # Refused before anything was written.
 
@@ -253,7 +247,7 @@ def test_cli_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cli_e
   # The learning rate explodes after step 8: the loss is NaN at step 11, between the
   # log steps (every 4), and is still reported at its exact step.
   workdir = tmp_path / "w"
-  proc = _cli(cli_env, "--config", os.path.join(REPO, "configs", "tiny.py"),
+  proc = _cli(cli_env, "--config", "quickstart:smoke",
               "--workdir", str(workdir), "--config.teacher_only=True",
               "--config.teacher.schedule.learning_rates=(0.1,1e30)")
   _assert_one_line_error(proc, "[teacher] the loss became nan at step 11; training "
@@ -261,9 +255,14 @@ def test_cli_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cli_e
   assert "--config.teacher.schedule.learning_rates" in proc.stderr
   stage_dir = workdir / "teacher"
   assert sorted(os.listdir(stage_dir / checkpoints.CHECKPOINT_DIR)) == ["4", "8"]
-  p = pipeline.Pipeline(tiny_config(), str(tmp_path / "other"))
-  template = p.abstract_variables("teacher")
+  template = stages.abstract_variables(stages.setup(tiny_config(), str(tmp_path / "other")),
+                                      "teacher")
   variables, step = checkpoints.restore_model(str(stage_dir), template)
   assert step == 8
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
-  assert not os.path.exists(workdir / pipeline.RESULTS)
+  assert not os.path.exists(workdir / metrics.RESULTS)
+
+
+def test_cli_default_config_with_a_typo_is_a_one_line_error(tmp_path, cli_env):
+  proc = _cli(cli_env, "--workdir", str(tmp_path / "w"), "--config.no_such_field=1")
+  _assert_one_line_error(proc, "unknown config field 'no_such_field'")
