@@ -64,8 +64,19 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--only", default=",".join(STEPS + ("teacher_forward", "fsp_cached")),
                  help="comma-separated steps to time")
+  p.add_argument("--steps_per_call", type=int, default=1,
+                 help="training steps per jitted call (lax.scan), as config.steps_per_call")
+  p.add_argument("--num_seeds", type=int, default=1,
+                 help="seeds trained side by side in one program, as config.num_seeds")
+  p.add_argument("--half_precision", action="store_true",
+                 help="bfloat16 activations, as config.half_precision")
   p.add_argument("--input_pipeline", action="store_true",
                  help="measure the input pipeline's images/s instead of the steps")
+  p.add_argument("--loop", action="store_true",
+                 help="time whole training loops (input pipeline, dispatch, step) on a "
+                      "synthetic 50k CIFAR-sized set: host pipeline one step per call "
+                      "vs --steps_per_call K with the host and the device pipeline")
+  p.add_argument("--loop_steps", type=int, default=64, help="timed steps per --loop mode")
   p.add_argument("--compare", action="store_true",
                  help="alternate with the PyTorch peer and print jax/torch ratios")
   p.add_argument("--repeats", type=int, default=5, help="rounds of --compare")
@@ -94,32 +105,56 @@ class Steps:
     self.batch = data.to_global(host, mesh)
 
     def network(depth):
+      dtype = jnp.bfloat16 if args.half_precision else jnp.float32
       return models.Network(models.create_model(
-          f"cifar_resnet{depth}", args.num_classes, args.width_multiplier),
+          f"cifar_resnet{depth}", args.num_classes, args.width_multiplier, dtype),
           (120.0,) * 3, (64.0,) * 3)
     teacher, student = network(args.teacher_depth), network(args.student_depth)
     tx = train.create_optimizer(train.create_learning_rate_fn((1e-3,), ()), 0.9, 1e-4)
+    k, n = args.steps_per_call, args.num_seeds
+    self.images_per_call = args.batch_size * k * n  # Seed-images.
 
     def state(net, seed):
-      variables = net.init(jax.random.PRNGKey(seed), (32, 32, 3))
-      return jax.device_put(train.create_train_state(net, variables, tx), replicated)
+      one = lambda s: train.create_train_state(  # noqa: E731
+          net, net.init(jax.random.PRNGKey(s), (32, 32, 3)), tx)
+      st = one(seed) if n == 1 else jax.tree.map(
+          lambda *xs: jnp.stack(xs), *[one(seed + i) for i in range(n)])
+      return jax.device_put(st, replicated)
 
     self.teacher_variables = jax.device_put(
         teacher.init(jax.random.PRNGKey(0), (32, 32, 3)), replicated)
     # Training's own jitted steps (what `train.train_and_evaluate` runs).
     distiller = distillers.FSP(fsp.default_fsp_pairs(student.feature_names))
-    fsp_step = train.jit_train_step(student, teacher, distiller, use_labels=False)
     teacher_fsp = train.jit_teacher_targets(teacher, distiller)
     matrices = teacher_fsp(self.teacher_variables, self.batch["image"])
     cached_batch = dict(self.batch, teacher_targets=matrices)
+    if k == 1 and n == 1:
+      fsp_step = train.jit_train_step(student, teacher, distiller, use_labels=False)
+      main, teach = train.jit_train_step(student), train.jit_train_step(teacher)
+      plain, cached = self.batch, cached_batch
+      extra = ()
+    else:
+      # K steps of N seeds a call: the batch repeated along (K, [N]) leading axes.
+      lead = (k,) + ((n,) if n > 1 else ())
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+          *((None,) * len(lead)), "data"))
+
+      def stacked(tree):
+        return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(
+            x, lead + x.shape), sharding), tree)
+      fsp_step = train.jit_train_steps(student, teacher, distiller, False, n)
+      main = train.jit_train_steps(student, None, None, True, n)
+      teach = train.jit_train_steps(teacher, None, None, True, n)
+      plain, cached = stacked(self.batch), stacked(cached_batch)
+      extra = (None,)
     # name -> (jitted fn, state or None, other args); each step maps state -> state.
     self.fns = {
-        "main": (train.jit_train_step(student), state(student, 1), (self.batch, None)),
-        "fsp": (fsp_step, state(student, 1), (self.batch, self.teacher_variables)),
-        "teacher": (train.jit_train_step(teacher), state(teacher, 0), (self.batch, None)),
+        "main": (main, state(student, 1), (plain, None) + extra),
+        "fsp": (fsp_step, state(student, 1), (plain, self.teacher_variables) + extra),
+        "teacher": (teach, state(teacher, 0), (plain, None) + extra),
         "teacher_forward": (teacher_fsp, None,
                             (self.teacher_variables, self.batch["image"])),
-        "fsp_cached": (fsp_step, state(student, 1), (cached_batch, None)),
+        "fsp_cached": (fsp_step, state(student, 1), (cached, None) + extra),
     }
     self.states = {k: v[1] for k, v in self.fns.items()}
 
@@ -131,9 +166,14 @@ class Steps:
     if m is None:
       return {}
     mb = 1 / 2**20
-    return {"peak_mb": round((m.argument_size_in_bytes + m.output_size_in_bytes
-                              - m.alias_size_in_bytes + m.temp_size_in_bytes) * mb, 1),
-            "temp_mb": round(m.temp_size_in_bytes * mb, 1)}
+    out = {"peak_mb": round((m.argument_size_in_bytes + m.output_size_in_bytes
+                             - m.alias_size_in_bytes + m.temp_size_in_bytes) * mb, 1),
+           "temp_mb": round(m.temp_size_in_bytes * mb, 1)}
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):  # XLA's count for the whole call, all seeds.
+      out["gflop_per_call"] = round(float(cost["flops"]) / 1e9, 3)
+    return out
 
   def run_once(self, name) -> float:
     """One step, blocked on; returns its wall time in seconds."""
@@ -166,11 +206,17 @@ def run_jax(args, steps: Steps = None) -> Dict:
          "devices": jax.device_count(), "threads": os.cpu_count(),
          "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
          "student_depth": args.student_depth}
+  out.update(steps_per_call=args.steps_per_call, num_seeds=args.num_seeds,
+             half_precision=args.half_precision)
   for n, t in times.items():
-    out[f"{n}_images_per_s"] = round(args.batch_size / t, 1)
+    # Images of every seed (seed-images) per second; the teacher's forward pass alone
+    # runs one batch.
+    per_call = args.batch_size if n == "teacher_forward" else steps.images_per_call
+    out[f"{n}_images_per_s"] = round(per_call / t, 1)
   if "fsp" in times and "main" in times:
     out["fsp_over_main"] = round(times["fsp"] / times["main"], 3)
-  if {"fsp", "main", "teacher_forward"} <= set(times):
+  if {"fsp", "main", "teacher_forward"} <= set(times) and steps.images_per_call == (
+      args.batch_size):
     # FSP matrices and loss nearly free: fsp ~ teacher forward + student step.
     out["fsp_over_teacher_forward_plus_main"] = round(
         times["fsp"] / (times["teacher_forward"] + times["main"]), 3)
@@ -179,6 +225,91 @@ def run_jax(args, steps: Steps = None) -> Dict:
     out["fsp_cached_over_main"] = round(times["fsp_cached"] / times["main"], 3)
   out["memory"] = {n: steps.memory(n) for n in names}
   out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  return out
+
+
+# ---- whole loops --------------------------------------------------------------------
+def run_loop(args) -> Dict:
+  """Seconds per step and seed-images/s of the training loop as `train_and_evaluate`
+  runs it (input pipeline, dispatch, student classify step; no logging or
+  checkpoints), on a synthetic CIFAR-sized set, three ways: the host pipeline one step
+  per call; the host pipeline K steps per call; the device pipeline K steps per call.
+  `--num_seeds` applies to all three. Host overhead per step = loop time per step -
+  the step's own time (the fixed-batch bench)."""
+  import jax
+  import numpy as np
+
+  from fsp_jax import data, models, train
+  rng = np.random.default_rng(0)
+  n = 50000
+  ds = data.Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                    rng.integers(0, 10, n).astype(np.int32),
+                    np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8,), np.int32), 10,
+                    np.zeros(3, np.float32), np.ones(3, np.float32), "synthetic")
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  net = models.Network(models.create_model(f"cifar_resnet{args.student_depth}", 10,
+                                           args.width_multiplier), (120.0,) * 3,
+                       (64.0,) * 3)
+  tx = train.create_optimizer(train.create_learning_rate_fn((1e-3,), ()), 0.9, 1e-4)
+  seeds = list(range(args.num_seeds))
+
+  def fresh_state():
+    one = lambda s: train.create_train_state(  # noqa: E731
+        net, net.init(jax.random.PRNGKey(s), (32, 32, 3)), tx)
+    st = one(0) if len(seeds) == 1 else jax.tree.map(
+        lambda *xs: np.stack(xs), *[one(s) for s in seeds])
+    return jax.device_put(st, replicated)
+
+  def host_one(total):
+    step = train.jit_train_step(net)
+    if len(seeds) > 1:
+      step = train.jit_train_steps(net, None, None, True, len(seeds))
+    state = fresh_state()
+    if len(seeds) == 1:
+      for _, batch in data.train_batches(ds, mesh, args.batch_size, 0, 0, total):
+        state, m = step(state, batch, None)
+    else:
+      for _, _, inputs in data.train_calls(ds, mesh, args.batch_size, seeds,
+                                           data.call_ranges(0, total, 1)):
+        state, m = step(state, inputs, None, None)
+    jax.block_until_ready(m)
+
+  def calls(total, device):
+    device_batch = (("augment", True), ("pad", 4), ("flip", False),
+                    ("crop_size", ())) if device else None
+    steps = train.jit_train_steps(net, None, None, True, len(seeds), device_batch)
+    train_data = ((jax.device_put(ds.train_images, replicated),
+                   jax.device_put(ds.train_labels, replicated)) if device else None)
+    state = fresh_state()
+    for _, _, inputs in data.train_calls(
+        ds, mesh, args.batch_size, seeds,
+        data.call_ranges(0, total, args.steps_per_call), device=device):
+      state, m = steps(state, inputs, None, train_data)
+    jax.block_until_ready(m)
+
+  modes = {"host_1_step_per_call": host_one,
+           f"host_{args.steps_per_call}_steps_per_call": lambda t: calls(t, False),
+           f"device_{args.steps_per_call}_steps_per_call": lambda t: calls(t, True)}
+  out = {"loop": "student classify steps on synthetic 50000 x 32x32x3",
+         "framework": f"jax {jax.__version__}", "backend": jax.default_backend(),
+         "devices": jax.device_count(), "batch_size": args.batch_size,
+         "student_depth": args.student_depth, "num_seeds": args.num_seeds,
+         "steps_per_call": args.steps_per_call, "timed_steps": args.loop_steps,
+         "repeats": args.repeats, "modes": {}}
+  for fn in modes.values():
+    fn(2 * args.steps_per_call)  # Compile every call shape.
+  samples = {name: [] for name in modes}
+  for _ in range(args.repeats):  # Round robin: every mode under the same load.
+    for name, fn in modes.items():
+      t0 = time.perf_counter()
+      fn(args.loop_steps)
+      samples[name].append(time.perf_counter() - t0)
+  for name, ts in samples.items():
+    t = statistics.median(ts) / args.loop_steps
+    out["modes"][name] = {"ms_per_step": round(1e3 * t, 3),
+                          "seed_images_per_s": round(
+                              args.batch_size * len(seeds) / t, 1)}
   return out
 
 
@@ -315,6 +446,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.input_pipeline:
     out = run_input_pipeline(args)
+  elif args.loop:
+    out = run_loop(args)
   elif args.compare:
     out = compare(args)
   else:

@@ -53,11 +53,28 @@ def get_config(arg=None):
       # first N training examples of each (0 = all).
       classes=(),
       train_per_class=0,
+      # Where training batches are made: 'host' (NumPy and a prefetch thread; any data
+      # size), 'device' (the training set on the device(s), batches gathered and
+      # augmented by jitted ops), or 'auto': 'device' on GPU/TPU, 'host' on CPU
+      # (measured: docs/performance.md). Both are pure functions of (seed, step), with
+      # different random draws.
+      pipeline="auto",
   ))
 
   config.teacher = ml_collections.ConfigDict(dict(
+      # A preset (fsp_jax.models.MODELS) or a model of your own by import path,
+      # 'PKG.MODULE:NAME' (a Linen module class or factory, or an NNX module class,
+      # called with num_classes= and, for NNX, rngs=; docs/own_models.md).
       model="cifar_resnet26",
-      width_multiplier=1,
+      width_multiplier=1,  # presets only.
+      # Layer paths ('/'-separated submodule names, e.g. ('stem', 'block1', 'block2',
+      # 'block3')) whose outputs are the model's features, in network order; () = a
+      # preset's built-in features. FSP pairs teacher and student features by position.
+      features=(),
+      # Token maps (B, N, C) among the features: leading class/register tokens to drop,
+      # and the (h, w) grid the rest are viewed as (() = square).
+      drop_tokens=0,
+      token_grid=(),
       # A trained teacher to restore instead of training one: a stage directory
       # (e.g. OTHER_WORKDIR/teacher) or its checkpoints/ folder. '' trains it here.
       checkpoint="",
@@ -72,8 +89,13 @@ def get_config(arg=None):
   ))
 
   config.student = ml_collections.ConfigDict(dict(
-      model="cifar_resnet26",
+      model="cifar_resnet26",  # a preset or PKG.MODULE:NAME, as teacher.model.
       width_multiplier=1,
+      # As teacher.features, drop_tokens and token_grid; fsp_pairs and FitNet's
+      # hint/guided features name the student's features (or index them).
+      features=(),
+      drop_tokens=0,
+      token_grid=(),
       # Stage 2 (main task from the stage-1 weights): 0.1/0.01/0.001 until 11k/16k/21k.
       schedule=schedule(21000, (0.1, 0.01, 0.001), (11000, 16000)),
   ))
@@ -145,6 +167,13 @@ def get_config(arg=None):
   config.checkpoint_every = 2000
   config.max_checkpoints_to_keep = 2
   config.half_precision = False  # bfloat16 activations (parameters stay float32).
+  # Training steps per jitted call (lax.scan): fewer dispatches from Python, the same
+  # steps. Logs, evaluations, checkpoints and SIGTERM still happen at their steps.
+  config.steps_per_call = 1
+  # Seeds seed, ..., seed + N - 1 of every stage after the teacher, trained side by
+  # side in one program (vmap), with one shared teacher; results hold the mean, std,
+  # each seed's and the ensemble's (mean softmax) test accuracy.
+  config.num_seeds = 1
   return finish(config, arg)
 
 

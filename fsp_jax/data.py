@@ -15,9 +15,10 @@ import importlib.util
 import os
 import queue
 import threading
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -454,6 +455,91 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
   return out
 
 
+# ---- the device-resident pipeline ---------------------------------------------------
+# The training images live on the device(s); a step's batch is gathered there by its
+# example indices (`train_batch_indices`, the host pipeline's) and augmented by jitted
+# ops keyed by `(seed, step)`: still a pure function of `(seed, step)`, so resuming
+# stays exact. The random draws differ from the host pipeline's (NumPy), so the two
+# pipelines give different (equally valid) data orders of augmentation.
+
+
+def augment_key(seed, step) -> jax.Array:
+  """The PRNG key of the device augmentation of `step` (seed and step may be traced)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), seed), step)
+
+
+def device_pad_crop_flip(images: jax.Array, key: jax.Array, pad: int = 4,
+                         flip: bool = False) -> jax.Array:
+  """The paper's augmentation as jitted ops: zero-pad `pad` pixels, random crop back,
+  optionally a random horizontal flip. uint8 `(B, H, W, C)` -> `(B, H, W, C)`."""
+  b, h, w, c = images.shape
+  k_crop, k_flip = jax.random.split(key)
+  out = images
+  if pad:
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+    out = jax.vmap(lambda im, o: jax.lax.dynamic_slice(
+        im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+  if flip:
+    mask = jax.random.bernoulli(k_flip, 0.5, (b,))
+    out = jnp.where(mask[:, None, None, None], out[:, :, ::-1], out)
+  return out
+
+
+def device_random_resized_crop(images: jax.Array, key: jax.Array, size: Tuple[int, int],
+                               flip: bool = False, scale=(0.08, 1.0),
+                               ratio=(3 / 4, 4 / 3)) -> jax.Array:
+  """RandomResizedCrop as jitted ops: per image a window of a random fraction `scale`
+  of the area and log-uniform aspect `ratio` (clipped to the image), resized
+  bilinearly to `size`, then an optional flip. uint8 `(B, H, W, C)` -> `(B, *size, C)`.
+
+  One draw per image (no retries): a window that does not fit is clipped to the image,
+  where torchvision draws again; the distribution of crops differs slightly.
+  """
+  b, h, w, c = images.shape
+  k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(key, 5)
+  area = h * w * jax.random.uniform(k_area, (b,), minval=scale[0], maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (b,), minval=np.log(ratio[0]),
+                                      maxval=np.log(ratio[1])))
+  cw = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
+  ch = jnp.clip(jnp.sqrt(area / aspect), 1.0, h)
+  top = jax.random.uniform(k_y, (b,)) * (h - ch)
+  left = jax.random.uniform(k_x, (b,)) * (w - cw)
+
+  def crop(image, ch, cw, top, left):
+    sy, sx = size[0] / ch, size[1] / cw
+    out = jax.image.scale_and_translate(
+        image.astype(jnp.float32), (size[0], size[1], c), (0, 1),
+        jnp.stack([sy, sx]), jnp.stack([-top * sy, -left * sx]), "linear",
+        antialias=False)
+    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+  out = jax.vmap(crop)(images, ch, cw, top, left)
+  if flip:
+    mask = jax.random.bernoulli(k_flip, 0.5, (b,))
+    out = jnp.where(mask[:, None, None, None], out[:, :, ::-1], out)
+  return out
+
+
+def device_train_batch(images: jax.Array, labels: jax.Array, indices: jax.Array,
+                       seed, step, *, augment: bool = True, pad: int = 4,
+                       flip: bool = False, crop_size=None):
+  """The training batch of `indices` `(B,)` from device-resident `images` uint8
+  `(N, H, W, C)` and `labels` `(N,)`, augmented with `augment_key(seed, step)`.
+  Jittable; the images stay on the device."""
+  batch_images = jnp.take(images, indices, axis=0)
+  key = augment_key(seed, step)
+  if crop_size and augment:
+    batch_images = device_random_resized_crop(batch_images, key, tuple(crop_size),
+                                              flip=flip)
+  elif crop_size:
+    h, w = batch_images.shape[1:3]
+    top, left = (h - crop_size[0]) // 2, (w - crop_size[1]) // 2
+    batch_images = batch_images[:, top:top + crop_size[0], left:left + crop_size[1]]
+  elif augment:
+    batch_images = device_pad_crop_flip(batch_images, key, pad=pad, flip=flip)
+  return {"image": batch_images, "label": jnp.take(labels, indices, axis=0)}
+
+
 def train_batch_indices(num_examples: int, batch_size: int, seed: int,
                         step: int) -> np.ndarray:
   """Example indices of the global training batch at `step` `(batch_size,)`.
@@ -583,6 +669,94 @@ def test_split(dataset: Dataset, examples: int = 0) -> Tuple[np.ndarray, np.ndar
     return dataset.test_images, dataset.test_labels
   keep = _subset_indices(n, examples)
   return dataset.test_images[keep], dataset.test_labels[keep]
+
+
+def call_ranges(start: int, total: int, steps_per_call: int,
+                every: Sequence[int] = ()) -> List[Tuple[int, int]]:
+  """`(lo, hi)` step ranges of the jitted calls that run steps `start..total-1`:
+  at most `steps_per_call` steps each, and every multiple of each of `every` (log,
+  evaluation, checkpoint steps) ends a call, so that what happens at a step happens
+  right after it."""
+  out, lo = [], start
+  while lo < total:
+    hi = min(lo + steps_per_call, total)
+    for n in every:
+      if n and n > 0:
+        hi = min(hi, (lo // n + 1) * n)
+    out.append((lo, hi))
+    lo = hi
+  return out
+
+
+def _local_rows(x: np.ndarray, axis: int) -> np.ndarray:
+  """This process's slice of the global batch axis `axis` of a host array."""
+  pcount, pindex = jax.process_count(), jax.process_index()
+  local = x.shape[axis] // pcount
+  return np.take(x, np.arange(pindex * local, (pindex + 1) * local), axis=axis)
+
+
+def train_calls(dataset: Dataset, mesh, batch_size: int, seeds: Sequence[int],
+                calls: Sequence[Tuple[int, int]], *, device: bool = False,
+                augment: bool = True, pad: int = 4, flip: bool = False,
+                prefetch_size: int = 2) -> Iterator:
+  """Yields `(lo, hi, inputs)` for each call range, what `train.jit_train_steps` takes.
+
+  Host pipeline (`device=False`): `inputs` is the batches of steps lo..hi-1, uint8
+  images `(K, [S,] B, H, W, C)` and labels `(K, [S,] B)` (K = hi - lo; the seed axis S
+  only where there are several seeds, seed k's batches drawn with its seed), sharded
+  over the mesh along B. Device pipeline: `inputs` holds only `indices` `(K, [S,] B)`
+  int32, `seed` and `step` `(K, [S])`: the batches are gathered and augmented on the
+  device (`device_train_batch`). Both are pure functions of (seed, step).
+  """
+  n_dev, pcount = mesh.devices.size, jax.process_count()
+  if batch_size % n_dev:
+    raise ValueError(f"batch_size {batch_size} must be divisible by the number of "
+                     f"devices ({n_dev}).")
+  multi = len(seeds) > 1
+  seed_axes = (None,) if multi else ()
+
+  def sharding(extra_dims):
+    spec = (None,) + seed_axes + ("data",) + (None,) * extra_dims
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+  def host_inputs(lo, hi):
+    pindex = jax.process_index()
+    per_step = []
+    for step in range(lo, hi):
+      if device:
+        idx = [train_batch_indices(len(dataset.train_labels), batch_size, s, step)
+               for s in seeds]
+        per_step.append({"indices": np.stack(idx).astype(np.int32),
+                         "seed": np.asarray(seeds, np.int32),
+                         "step": np.full((len(seeds),), step, np.int32)})
+      else:
+        batches = [train_batch(dataset, batch_size, s, step, augment=augment, pad=pad,
+                               flip=flip, process_index=pindex, process_count=pcount)
+                   for s in seeds]
+        per_step.append(jax.tree.map(lambda *xs: np.stack(xs), *batches))
+    out = jax.tree.map(lambda *xs: np.stack(xs), *per_step)  # (K, S, ...)
+    if not multi:
+      out = jax.tree.map(lambda x: x[:, 0], out)
+    return out
+
+  def to_device(inputs):
+    batch_axis = 1 + len(seed_axes)
+    if device:
+      return {"indices": jax.make_array_from_process_local_data(
+                  sharding(0), _local_rows(inputs["indices"], batch_axis)),
+              "seed": jax.device_put(inputs["seed"], jax.sharding.NamedSharding(
+                  mesh, jax.sharding.PartitionSpec())),
+              "step": jax.device_put(inputs["step"], jax.sharding.NamedSharding(
+                  mesh, jax.sharding.PartitionSpec()))}
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding(x.ndim - batch_axis - 1), x), inputs)
+
+  def produce():
+    for lo, hi in calls:
+      yield lo, hi, host_inputs(lo, hi)
+
+  for lo, hi, inputs in prefetch(produce(), prefetch_size):
+    yield lo, hi, to_device(inputs)
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, mesh, batch_size: int):

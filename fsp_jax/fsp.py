@@ -1,7 +1,9 @@
 """FSP matrices and the FSP loss (Yim et al., CVPR 2017, Eq. 1 and Eq. 2).
 
 Everything here is a pure function of arrays: `jax.jit`, `jax.grad` and `jax.vmap`
-apply directly. Feature maps are channels-last, `(B, H, W, C)`.
+apply directly. Feature maps are channels-last, `(B, H, W, C)`; transformer token maps
+`(B, N, C)` are accepted too (`tokens_to_grid` drops class tokens and lays tokens out
+as an `(h, w)` grid).
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ def match_spatial(f1: jax.Array, f2: jax.Array, pool: str = "max"):
     raise ValueError(f"pool={pool!r} is not supported; use one of {POOLING}.")
   if f1.ndim != 4 or f2.ndim != 4:
     raise ValueError(
-        f"FSP needs channels-last feature maps (B, H, W, C); got shapes {f1.shape} and "
-        f"{f2.shape}.")
+        f"FSP needs channels-last feature maps (B, H, W, C) (or token maps (B, N, C)); "
+        f"got shapes {f1.shape} and {f2.shape}.")
   if f1.shape[0] != f2.shape[0]:
     raise ValueError(
         f"FSP feature maps must come from the same batch; got batch sizes {f1.shape[0]} "
@@ -94,21 +96,72 @@ def match_spatial(f1: jax.Array, f2: jax.Array, pool: str = "max"):
       "fsp_pairs whose maps satisfy this.")
 
 
+def tokens_to_grid(tokens: jax.Array, grid: Optional[Tuple[int, int]] = None,
+                   drop_leading: int = 0) -> jax.Array:
+  """A transformer's token map as a feature map: `(B, N, C)` -> `(B, h, w, C)`.
+
+  Drops the first `drop_leading` tokens (a class token: 1; class and register tokens:
+  1 + registers), then lays the remaining `h * w` out row by row, as patch embeddings
+  number them. The result pairs with convolutional maps of divisible sizes like any
+  feature map (the larger pooled down, `match_spatial`).
+
+  Args:
+    tokens: `(B, N, C)`.
+    grid: `(h, w)` with `h * w = N - drop_leading`; None = a square grid.
+    drop_leading: leading tokens to drop.
+
+  Raises:
+    ValueError (one line) where the tokens do not fill the grid.
+  """
+  if tokens.ndim != 3:
+    raise ValueError(f"a token map is (B, N, C); got shape {tuple(tokens.shape)}.")
+  if drop_leading < 0 or drop_leading >= tokens.shape[1]:
+    raise ValueError(f"drop_leading={drop_leading} leaves no tokens of {tokens.shape[1]}.")
+  b, n, c = tokens.shape
+  n -= drop_leading
+  if grid is None or not tuple(grid):
+    side = int(round(n ** 0.5))
+    if side * side != n:
+      raise ValueError(
+          f"a token map of {n} tokens (after dropping {drop_leading}) is not a square "
+          "grid: drop the class/register tokens (drop_leading, config "
+          "<role>.drop_tokens) or give the grid (h, w) (config <role>.token_grid).")
+    grid = (side, side)
+  h, w = (int(v) for v in grid)
+  if h * w != n:
+    raise ValueError(f"token grid {h}x{w} holds {h * w} tokens, the token map has {n} "
+                     f"(after dropping {drop_leading} leading ones); give a grid of "
+                     f"{n} tokens or drop the class/register tokens.")
+  return tokens[:, drop_leading:].reshape(b, h, w, c)
+
+
+def _as_maps(f1: jax.Array, f2: jax.Array):
+  """Token maps `(B, N, C)` as `(B, H, W, C)` maps: two of equal N as `(B, N, 1, C)`
+  (Eq. 1 with H * W = N); otherwise each as a square grid (`tokens_to_grid`)."""
+  if f1.ndim == 3 and f2.ndim == 3 and f1.shape[1] == f2.shape[1]:
+    return f1[:, :, None, :], f2[:, :, None, :]
+  return tuple(tokens_to_grid(f) if f.ndim == 3 else f for f in (f1, f2))
+
+
 def fsp_matrix(f1: jax.Array, f2: jax.Array, pool: str = "max") -> jax.Array:
   """The FSP matrix of two feature maps of the same input (Eq. 1).
 
   G[b, i, j] = sum_{h, w} f1[b, h, w, i] * f2[b, h, w, j] / (H * W)
 
   Args:
-    f1: `(B, H1, W1, m)`, the first feature map (e.g. a section's input).
-    f2: `(B, H2, W2, n)`, the second (e.g. the section's output). Where one map is an
-      integer multiple of the other in height and width, the larger is pooled down
-      first (`pool`: "max", the paper's choice, or "avg").
+    f1: `(B, H1, W1, m)`, the first feature map (e.g. a section's input), or a
+      transformer's token map `(B, N, m)`: the N tokens are the positions.
+    f2: `(B, H2, W2, n)` or `(B, N2, n)`, the second (e.g. the section's output).
+      Where one map is an integer multiple of the other in height and width, the larger
+      is pooled down first (`pool`: "max", the paper's choice, or "avg"). Two token maps
+      of equal N pair token by token (H * W = N); a token map paired with anything else
+      is viewed as a square grid first: drop class or register tokens and give other
+      grids with `tokens_to_grid`.
 
   Returns:
     `(B, m, n)` float32, whatever the input dtype (bf16 activations are upcast).
   """
-  f1, f2 = match_spatial(f1, f2, pool)
+  f1, f2 = match_spatial(*_as_maps(f1, f2), pool)
   f1 = f1.astype(jnp.float32)
   f2 = f2.astype(jnp.float32)
   h, w = f1.shape[1:3]

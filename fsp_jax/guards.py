@@ -86,6 +86,17 @@ def all_finite(tree) -> jax.Array:
 
 
 _track = jax.jit(track_nonfinite)
+
+
+@jax.jit
+def _track_many(first_bad, losses, first_step):
+  """`track_nonfinite` over the losses `(K, ...)` of steps first_step, first_step+1..."""
+  bad = ~jnp.all(jnp.isfinite(losses.reshape(losses.shape[0], -1)), axis=1)
+  k = jnp.argmax(bad)
+  worst = losses.reshape(losses.shape[0], -1)[k]
+  loss = jnp.where(jnp.isfinite(worst), 0.0, worst)
+  loss = loss[jnp.argmax(~jnp.isfinite(worst))]
+  return track_nonfinite(first_bad, jnp.where(jnp.any(bad), loss, 0.0), first_step + k)
 _all_finite = jax.jit(all_finite)
 
 
@@ -104,9 +115,18 @@ class NonFiniteGuard:
     self.stage, self.lr_field, self.stage_dir = stage, lr_field, stage_dir
     self.first_bad = jax.device_put((jnp.int32(-1), jnp.float32(0)), sharding)
 
-  def track(self, loss: jax.Array, step: int) -> None:
-    """After every step (asynchronous: nothing waits for the device)."""
-    self.first_bad = _track(self.first_bad, loss, step)
+  def track(self, loss: jax.Array, step: int, first_step: Optional[int] = None) -> None:
+    """After every call (asynchronous: nothing waits for the device).
+
+    Args:
+      loss: the step's loss, or the losses `(K, ...)` of steps `first_step..step`
+        (K steps in one call; trailing axes, e.g. seeds, are any-of).
+      step: the (last) step's number, counted from 1.
+    """
+    if first_step is None or jnp.ndim(loss) == 0:
+      self.first_bad = _track(self.first_bad, loss, step)
+    else:
+      self.first_bad = _track_many(self.first_bad, loss, first_step)
 
   def check(self, mngr, step: int, variables=None) -> None:
     """Raises FloatingPointError where a loss so far, or `variables`, is not finite.

@@ -7,14 +7,28 @@ field with `--config.FIELD=VALUE`, e.g. `--config.student.schedule.num_steps=100
 
 Several hosts: run the same command on every host with `--distributed` (Cloud TPU
 pods, SLURM and other clusters JAX detects), or with `--coordinator_address`,
-`--num_processes` and `--process_id`. Exit status: 0 done, 2 bad input (one line
-`fsp_jax: error: ...`; also where training stopped on a non-finite loss), 143
-stopped by SIGTERM after saving (run it again to resume).
+`--num_processes` and `--process_id`.
+
+One run per workdir: a second run on a workdir in use stops at once (status 3, one
+line naming the run that holds it), or waits for it with `--wait_for_workdir`.
+
+Every failure is one line `fsp_jax: error: ...` on stderr, no traceback (`--debug`
+shows them). Exit status:
+  0    done.
+  1    an unexpected error (a bug: rerun with --debug and report the traceback).
+  2    bad input: a config, flag, data set or checkpoint to fix (the line names the
+       field); also a training stopped by a non-finite loss.
+  3    the workdir is in use by another run (rerun when it ends, or --wait_for_workdir).
+  4    a write failed: full disk, quota, I/O error. Earlier checkpoints and
+       results.json are intact; free space and run the same command to resume.
+  130  interrupted (Ctrl-C); run the same command to resume.
+  143  stopped by SIGTERM after saving; run the same command to resume.
 """
 import logging
 import os
 import re
 import sys
+import threading
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -33,12 +47,20 @@ flags.DEFINE_string("coordinator_address", None,
                     "detection (with --num_processes and --process_id).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process run).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
-flags.DEFINE_bool("debug", False, "Show Python tracebacks of errors.")
+flags.DEFINE_bool("debug", False, "Show Python tracebacks of errors (also those of "
+                  "library threads), for developers.")
+flags.DEFINE_bool("wait_for_workdir", False,
+                  "Where another run uses --workdir, wait until it ends, then go on "
+                  "(default: stop at once with exit status 3).")
 config_flags.DEFINE_config_file(
     "config", None, "A shipped config's name or a config file, with an optional "
     "argument: NAME[:ARG] or PATH[:ARG]. Default: quickstart.", lock_config=True)
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_WORKDIR_BUSY = 3
+EXIT_WRITE_FAILED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT.
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a launcher expects of a terminated job.
 
 
@@ -124,6 +146,44 @@ def _initialize_distributed(jax) -> None:
     _fail(f"jax.distributed.initialize failed ({_one_line(e)[:200]}); {how}.")
 
 
+class _NoTracebacks(logging.Filter):
+  """Library log records as one line: no traceback. Orbax's errors that carry one
+  are dropped: Orbax raises each of them again, and the CLI reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "orbax" in (record.pathname or ""):
+      return False
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def _unraisable(hook_args) -> None:
+  """Errors Python cannot raise anywhere (asyncio callbacks of Orbax's reads of a
+  damaged file, after its event loop closed): not the user's concern."""
+  del hook_args
+
+
+def _thread_error(hook_args) -> None:
+  """An uncaught error in a background thread: one line."""
+  if issubclass(hook_args.exc_type, SystemExit):
+    return
+  name = getattr(hook_args.thread, "name", "?")
+  print(f"fsp_jax: error: in background thread {name}: "
+        f"{_one_line(hook_args.exc_value)[:400]}", file=sys.stderr)
+
+
+def _hide_tracebacks() -> None:
+  """No traceback reaches the user (library threads, asyncio, Orbax's error logs);
+  `--debug` keeps Python's defaults."""
+  sys.unraisablehook = _unraisable
+  threading.excepthook = _thread_error
+  quiet = _NoTracebacks()
+  for name in ("absl", "asyncio", "jax", "orbax"):
+    logging.getLogger(name).addFilter(quiet)
+  for handler in logging.getLogger().handlers:  # absl's handler: every record.
+    handler.addFilter(quiet)
+
+
 def _setup_logging(jax) -> None:
   """fsp_jax's lines as plain text on stderr (process 0); libraries only warnings."""
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -136,29 +196,65 @@ def _setup_logging(jax) -> None:
   log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  # Imported after flags are parsed so that XLA_FLAGS etc. set by launchers apply.
-  import jax
-  from tqdm.contrib.logging import logging_redirect_tqdm
+def _write_failed_message(e: OSError, write_errnos) -> str:
+  """One line for a failed file operation (full disk, I/O error) outside a
+  checkpoint save (results.json, metrics, stage.json)."""
+  where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+  verb = "could not write" if e.errno in write_errnos else "file access failed:"
+  reason = e.strerror or _one_line(e)
+  return (f"{verb}{where} ({reason}). The run stopped; the checkpoints and "
+          "results.json written before are intact (they are replaced atomically). "
+          "Free space (or fix the disk or permissions), then run the same command to "
+          "resume.")
 
-  from fsp_jax import guards, metrics, train
-  _initialize_distributed(jax)
-  _setup_logging(jax)
-  try:
-    with logging_redirect_tqdm(loggers=[logging.getLogger("fsp_jax")]):
-      results = train.run(FLAGS.config, FLAGS.workdir)
-  except guards.Preempted as e:
-    print(f"fsp_jax: {e} Run the same command to resume.", file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    if FLAGS.debug:
-      raise
-    _fail(" ".join(str(e).split()))  # One line, whatever the library wrote.
+
+def _run(jax, train, metrics) -> None:
+  from tqdm.contrib.logging import logging_redirect_tqdm
+  with logging_redirect_tqdm(loggers=[logging.getLogger("fsp_jax")]):
+    results = train.run(FLAGS.config, FLAGS.workdir,
+                        wait_for_workdir=FLAGS.wait_for_workdir)
   if jax.process_index() == 0:
     print(metrics.results_table(results))
     print(f"results: {os.path.join(os.path.abspath(FLAGS.workdir), metrics.RESULTS)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.debug:
+    _hide_tracebacks()
+  # Imported after flags are parsed so that XLA_FLAGS etc. set by launchers apply.
+  import jax
+
+  from fsp_jax import checkpoints, guards, metrics, train, workdir
+  _initialize_distributed(jax)
+  _setup_logging(jax)
+  if not FLAGS.debug:
+    _hide_tracebacks()  # Again: absl's handler may be new.
+  try:
+    _run(jax, train, metrics)
+  except guards.Preempted as e:
+    print(f"fsp_jax: {e} Run the same command to resume.", file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
+  except Exception as e:  # pylint: disable=broad-except  (each kind: one line)
+    if FLAGS.debug:
+      raise
+    message = " ".join(str(e).split())  # One line, whatever the library wrote.
+    if isinstance(e, workdir.WorkdirBusy):
+      _fail(message, EXIT_WORKDIR_BUSY)
+    if isinstance(e, checkpoints.CheckpointWriteError):
+      _fail(message, EXIT_WRITE_FAILED)
+    if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
+      _fail(message)
+    if isinstance(e, OSError):
+      _fail(_write_failed_message(e, checkpoints.WRITE_ERRNOS), EXIT_WRITE_FAILED)
+    _fail(f"unexpected {type(e).__name__}: {message[:500]} (a bug: rerun with --debug "
+          "for the traceback and report it)", EXIT_INTERNAL)
+  except KeyboardInterrupt:
+    if FLAGS.debug:
+      raise
+    _fail("interrupted; run the same command to resume from the last checkpoint.",
+          EXIT_INTERRUPTED)
 
 
 def cli():

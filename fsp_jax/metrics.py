@@ -202,28 +202,41 @@ def write_results(workdir: str, results: Dict[str, Any]) -> None:
 
 def summary(result: Dict[str, Any]) -> str:
   """One stage's result in words, e.g. 'test accuracy 97.21% after 150 steps, 5 s'."""
+  seeds = len(result.get("per_seed", ())) or 1
   if "test_accuracy" in result:
-    return (f"test accuracy {100 * result['test_accuracy']:.2f}% after {result['steps']} "
-            f"steps, {result['wall_time_s']:.0f} s")
+    acc = f"{100 * result['test_accuracy']:.2f}%"
+    if seeds > 1:
+      acc = (f"{acc} ± {100 * result['test_accuracy_std']:.2f} over {seeds} seeds, "
+             f"ensemble {100 * result['ensemble_test_accuracy']:.2f}%")
+    return f"test accuracy {acc} after {result['steps']} steps, {result['wall_time_s']:.0f} s"
   key = next((k for k in result if k.startswith("test_") and k.endswith("_loss")),
              "test_loss")
   name = _LABELS.get(key[len("test_"):-len("_loss")], key)
-  return (f"test {name} loss {result.get(key, float('nan')):.4g} after "
+  over = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+  return (f"test {name} loss {result.get(key, float('nan')):.4g}{over} after "
           f"{result['steps']} steps, {result['wall_time_s']:.0f} s")
 
 
 def results_table(results: Dict[str, Any]) -> str:
-  """A small text table: each classification stage's final test accuracy."""
+  """A small text table: each classification stage's final test accuracy (with
+  several seeds: mean ± std over seeds, and the ensemble's)."""
   labels = {"teacher": "teacher", "teacher_short": "teacher, student's schedule",
             "scratch": "student from scratch", "student": "FSP student (stage 2)",
             "fitnet": "FitNet student (stage 2, KD)", "kd": "student with Hinton KD"}
-  rows = [("run", "model", "steps", "test acc %", "time s")]
+  seeds = any("ensemble_test_accuracy" in r for r in results.values())
+  rows = [("run", "model", "steps", "test acc %") + (("ensemble %",) if seeds else ())
+          + ("time s",)]
   for name, r in results.items():
     if "test_accuracy" not in r:
       continue
-    rows.append((labels.get(name, name), r["model"], str(r["steps"]),
-                 f"{100 * r['test_accuracy']:.2f}", f"{r['wall_time_s']:.0f}"))
-  widths = [max(len(row[k]) for row in rows) for k in range(5)]
+    acc = f"{100 * r['test_accuracy']:.2f}"
+    if "test_accuracy_std" in r:
+      acc += f" ± {100 * r['test_accuracy_std']:.2f}"
+    ensemble = ((f"{100 * r['ensemble_test_accuracy']:.2f}"
+                 if "ensemble_test_accuracy" in r else "-",) if seeds else ())
+    rows.append((labels.get(name, name), r["model"], str(r["steps"]), acc) + ensemble
+                + (f"{r['wall_time_s']:.0f}",))
+  widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)

@@ -63,6 +63,18 @@ def curves(workdir: str, key: str) -> Dict[str, np.ndarray]:
   return out
 
 
+def seed_curves(workdir: str, stage: str, key: str) -> Dict[int, np.ndarray]:
+  """`{seed: (K, 2) array of (step, value)}` of a several-seed stage's metric `key`
+  (the evaluations' `per_seed` lists); `{}` for a one-seed stage."""
+  records = metrics.read_jsonl(os.path.join(workdir, stage, metrics.JSONL))
+  points: Dict[int, Dict[int, float]] = {}
+  for r in records:
+    for entry in r.get("per_seed", ()):
+      if key in entry:
+        points.setdefault(entry["seed"], {})[r["step"]] = entry[key]
+  return {seed: np.asarray(sorted(p.items()), np.float64) for seed, p in points.items()}
+
+
 def plot_accuracy(workdirs: Sequence[str], path: Optional[str] = None):
   """Test accuracy (%) against iteration per stage, and stage 1's FSP loss.
 
@@ -81,6 +93,10 @@ def plot_accuracy(workdirs: Sequence[str], path: Optional[str] = None):
     prefix = f"{_name(workdir)}: " if several else ""
     style = LINESTYLES[k % len(LINESTYLES)]
     for stage, xy in curves(workdir, "test_accuracy").items():
+      # Several seeds in one run: each seed a thin line, their mean the marked one.
+      for seed_xy in seed_curves(workdir, stage, "test_accuracy").values():
+        ax_acc.plot(seed_xy[:, 0], 100 * seed_xy[:, 1], style, linewidth=0.7,
+                    alpha=0.45, color=STAGE_COLORS.get(stage))
       ax_acc.plot(xy[:, 0], 100 * xy[:, 1], style, marker="o", markersize=3,
                   color=STAGE_COLORS.get(stage),
                   label=prefix + STAGE_LABELS.get(stage, stage))

@@ -171,15 +171,103 @@ class Experiment:
 
 
 def build_network(config, role: str, dataset: data.Dataset) -> models.Network:
-  """The teacher's or student's network, normalising inputs with `dataset`'s stats."""
+  """The teacher's or student's network, normalising inputs with `dataset`'s stats.
+
+  A preset (`config.<role>.model`, e.g. 'cifar_resnet26') gives its built-in features;
+  a model by import path (`PKG.MODULE:NAME`, docs/own_models.md) gives the outputs of
+  the layers `config.<role>.features` names. Where teacher and student name their
+  features differently, the teacher's are keyed by the student's names, position by
+  position (`feature_keys`), so `fsp_pairs` and FitNet's layers name the student's.
+  """
   spec = config[role]
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   num_classes = dataset.num_classes
   if role == "teacher" and config.teacher.num_classes:
     num_classes = config.teacher.num_classes
   module = models.create_model(spec.model, num_classes, spec.width_multiplier, dtype)
-  return models.Network(module, tuple(float(v) for v in dataset.mean),
-                        tuple(float(v) for v in dataset.std))
+  if (models.is_import_path(spec.model) and not spec.get("features", ())
+      and uses_features(config)):
+    raise ValueError(
+        f"{role}.model={spec.model!r} is given by import path but names no features: "
+        "give the layers whose outputs FSP/FitNet pair, in network order, e.g. "
+        f"--config.{role}.features=\"('stem','block1','block2','block3')\".")
+  keys = ()
+  if role == "teacher":
+    keys = _teacher_feature_keys(config, own_feature_names(config, "teacher"),
+                                 own_feature_names(config, "student"))
+  network = models.Network(
+      module, tuple(float(v) for v in dataset.mean), tuple(float(v) for v in dataset.std),
+      layers=tuple(spec.get("features", ())), feature_keys=keys,
+      drop_tokens=int(spec.get("drop_tokens", 0)),
+      token_grid=tuple(spec.get("token_grid", ())), classes=num_classes)
+  if models.is_import_path(spec.model):
+    check_own_model(network, dataset.image_shape, f"{role}.model={spec.model!r}")
+  return network
+
+
+def own_feature_names(config, role: str):
+  """`role`'s feature names in the model itself: `<role>.features`, else a preset's."""
+  spec = config[role]
+  if spec.get("features", ()):
+    return tuple(spec.features)
+  if models.is_import_path(spec.model):
+    return ()
+  return models.create_model(spec.model, 1).feature_names
+
+
+def uses_features(config) -> bool:
+  """Whether some stage pairs teacher and student features (FSP, FitNet)."""
+  return (not config.teacher_only
+          and bool({"fsp", "fitnet"} & set(config.methods)))
+
+
+def _teacher_feature_keys(config, teacher_names, student_names):
+  """The student's names for the teacher's features where the two differ; () if not."""
+  if tuple(teacher_names) == tuple(student_names) or not (teacher_names and
+                                                           student_names):
+    return ()  # The same names, or a side without features (its own check says so).
+  if len(teacher_names) != len(student_names):
+    if uses_features(config):
+      raise ValueError(
+          f"teacher features {tuple(teacher_names)} and student features "
+          f"{tuple(student_names)} differ in number; FSP and FitNet pair them by "
+          "position: name as many layers on each side (config teacher.features, "
+          "student.features).")
+    return ()
+  return tuple(student_names)
+
+
+def check_own_model(network: models.Network, image_shape, what: str) -> None:
+  """Fails (one-line ValueError naming `what`) where a model of your own does not
+  follow the conventions: init and apply in both modes, logits `(B, num_classes)`."""
+  images = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.uint8)
+  try:
+    variables = jax.eval_shape(lambda r: network.init(r, image_shape),
+                               jax.random.PRNGKey(0))
+    logits, _ = jax.eval_shape(lambda v, x: network.apply(v, x), variables, images)
+    jax.eval_shape(lambda v, x: network.apply(v, x, train=True), variables, images)
+  except Exception as e:  # pylint: disable=broad-except  (the user's code: any error)
+    text = " ".join(str(e).split()) or type(e).__name__
+    raise ValueError(f"{what}: {text[:400]} (conventions: docs/own_models.md)") from None
+  if logits.shape != (2, network.num_classes):
+    raise ValueError(
+        f"{what} outputs logits of shape {tuple(logits.shape)} for 2 images, not (2, "
+        f"{network.num_classes}): the model's output must be the logits (B, "
+        "num_classes), or a tuple whose first element they are.")
+
+
+def model_fingerprint(spec) -> Dict[str, Any]:
+  """What a model's config adds to a stage fingerprint beyond its name: the layers of
+  its features and their token layout; {} for a preset's built-in features (so
+  fingerprints of older runs still match)."""
+  out = {}
+  if spec.get("features", ()):
+    out["features"] = list(spec.features)
+  if spec.get("drop_tokens", 0):
+    out["drop_tokens"] = int(spec.drop_tokens)
+  if spec.get("token_grid", ()):
+    out["token_grid"] = list(spec.token_grid)
+  return out
 
 
 def mesh_of_all_devices() -> jax.sharding.Mesh:
@@ -192,13 +280,16 @@ def mesh_of_all_devices() -> jax.sharding.Mesh:
 def setup(config, workdir: str) -> Experiment:
   """Checks every stage of `config`, loads the data and builds the networks.
 
-  Everything that can be checked before training is: schedules, models, distiller
-  pairings, stage directories made by other experiments, checkpoints given from
-  elsewhere. Raises ValueError or FileNotFoundError naming what to change.
+  Everything that can be checked before training is: schedules and run settings,
+  models, distiller pairings, batch sizes against the devices and the training set,
+  the teacher cache's memory, stage directories made by other experiments,
+  checkpoints given from elsewhere (read in full: a corrupt one is refused). Raises
+  ValueError or FileNotFoundError naming what to change.
   """
   stages = plan_stages(config)
   for stage in stages:
     check_schedule(stage)
+  check_settings(config, stages)
   dataset = data.load_dataset(config.data)
   networks = {role: build_network(config, role, dataset)
               for role in ("teacher", "student")}
@@ -212,6 +303,9 @@ def setup(config, workdir: str) -> Experiment:
   exp = Experiment(config, os.path.abspath(workdir), tuple(stages), dataset,
                    mesh_of_all_devices(), networks)
   check_pairings(exp)
+  check_batches(exp)
+  check_teacher_cache(exp)
+  check_pretrained(exp)
   for stage in stages:
     check_stage_dir(exp, stage)
   # A missing or misfitting checkpoint from elsewhere fails before anything is written.
@@ -221,6 +315,7 @@ def setup(config, workdir: str) -> Experiment:
     if stage.init_from and os.path.isabs(stage.init_from):
       checkpoints.restore_model(stage.init_from, abstract_variables(exp, stage.role),
                                 f"stage-1 checkpoint {stage.init_from!r}")
+  check_disk_space(exp)  # A warning only: last, after every error.
   return exp
 
 
@@ -261,11 +356,46 @@ def abstract_variables(exp: Experiment, role: str):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.replicated), shapes)
 
 
-def random_variables(exp: Experiment, role: str):
-  """`role`'s initial variables from `(config.seed, role)`, replicated."""
-  rng = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), ROLE_SEED[role])
-  return jax.jit(lambda r: exp.networks[role].init(r, exp.dataset.image_shape),
-                 out_shardings=exp.replicated)(rng)
+def stage_seeds(exp: Experiment, stage: Stage) -> List[int]:
+  """The seeds a stage trains: `config.seed` for the teacher, `seed .. seed + N - 1`
+  (`config.num_seeds`) for every stage after it, in one program."""
+  if stage.name == "teacher":
+    return [exp.config.seed]
+  return list(range(exp.config.seed, exp.config.seed + exp.config.num_seeds))
+
+
+def input_pipeline(config, stage: Stage) -> str:
+  """'host' or 'device' (`config.data.pipeline`; 'auto': 'device' on accelerators,
+  'host' on CPUs, by measurement: docs/performance.md). The teacher-FSP cache is
+  gathered on the host."""
+  choice = config.data.pipeline
+  if choice not in ("auto", "host", "device"):
+    raise ValueError(f"data.pipeline={choice!r} is not 'auto', 'host' or 'device'.")
+  if stage.kind == "fsp" and config.fsp.cache_teacher:
+    return "host"
+  if choice == "auto":
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return choice
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _per_seed(exp: Experiment, seeds: List[int], make):
+  """`make(seed)` for one seed, or its results stacked on a leading seed axis."""
+  if len(seeds) == 1:
+    return make(seeds[0])
+  return jax.jit(_stack, out_shardings=exp.replicated)([make(s) for s in seeds])
+
+
+def random_variables(exp: Experiment, role: str, seeds: Optional[List[int]] = None):
+  """`role`'s initial variables from `(seed, role)`, replicated; with several seeds
+  stacked on a leading axis (seed k's are those of a one-seed run of seed k)."""
+  init = jax.jit(lambda r: exp.networks[role].init(r, exp.dataset.image_shape),
+                 out_shardings=exp.replicated)
+  return _per_seed(exp, seeds or [exp.config.seed], lambda seed: init(
+      jax.random.fold_in(jax.random.PRNGKey(seed), ROLE_SEED[role])))
 
 
 def initial_distiller_params(exp: Experiment, stage: Stage, distiller):
@@ -275,21 +405,46 @@ def initial_distiller_params(exp: Experiment, stage: Stage, distiller):
   shape = exp.dataset.image_shape
   t_feats = network_outputs(exp.networks["teacher"], shape)[1]
   s_feats = network_outputs(exp.networks["student"], shape)[1]
-  rng = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), DISTILLER_SEED)
-  return jax.jit(lambda r: distiller.init(r, t_feats, s_feats),
-                 out_shardings=exp.replicated)(rng)
+  init = jax.jit(lambda r: distiller.init(r, t_feats, s_feats),
+                 out_shardings=exp.replicated)
+  return _per_seed(exp, stage_seeds(exp, stage), lambda seed: init(
+      jax.random.fold_in(jax.random.PRNGKey(seed), DISTILLER_SEED)))
+
+
+def checkpoint_seeds(stage_dir: str) -> int:
+  """How many seeds a stage directory's checkpoints hold (its stage.json; 1 where it
+  has none, e.g. a converted or hand-saved checkpoint)."""
+  ckpt_dir = checkpoints.resolve_checkpoint_dir(stage_dir)
+  info = checkpoints.read_stage_info(os.path.dirname(ckpt_dir)) or {}
+  return int(info.get("fingerprint", {}).get("num_seeds", 1))
 
 
 def initial_variables(exp: Experiment, stage: Stage):
   """Where a stage's weights start: its `init_from` stage's final checkpoint, the
-  teacher's pretrained weights (`teacher.pretrained`), or random."""
+  teacher's pretrained weights (`teacher.pretrained`), or random. With several seeds,
+  a one-seed `init_from` (e.g. one stage 1 shared by every seed, as in the paper's
+  Table 1) starts every seed."""
+  seeds = stage_seeds(exp, stage)
   if stage.init_from:
     init_dir = (stage.init_from if os.path.isabs(stage.init_from)
                 else exp.stage_dir(stage.init_from))
-    variables, _ = checkpoints.restore_model(
-        init_dir, abstract_variables(exp, stage.role), f"stage-1 checkpoint {init_dir!r}")
+    stored = checkpoint_seeds(init_dir)
+    if stored not in (1, len(seeds)):
+      raise ValueError(f"stage-1 checkpoint {init_dir!r} holds {stored} seeds, this "
+                       f"stage trains {len(seeds)}: set --config.num_seeds={stored}, or "
+                       "give a one-seed stage 1 (shared by every seed).")
+    abstract = abstract_variables(exp, stage.role)
+    if stored > 1:
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+          (stored,) + a.shape, a.dtype, sharding=a.sharding), abstract)
+    variables, _ = checkpoints.restore_model(init_dir, abstract,
+                                             f"stage-1 checkpoint {init_dir!r}")
+    if stored == 1 and len(seeds) > 1:
+      variables = jax.jit(lambda v: jax.tree.map(
+          lambda x: jnp.broadcast_to(x, (len(seeds),) + x.shape), v),
+          out_shardings=exp.replicated)(variables)
     return variables
-  variables = random_variables(exp, stage.role)
+  variables = random_variables(exp, stage.role, seeds)
   if stage.name == "teacher" and exp.config.teacher.pretrained:
     variables, _ = checkpoints.restore_pretrained(exp.config.teacher.pretrained,
                                                   variables, "teacher.pretrained checkpoint")
@@ -317,7 +472,8 @@ def _teacher_fingerprint(config, stages: List[Stage]) -> Dict[str, Any]:
     return fingerprint(config, by_name["teacher"], stages)
   return _jsonable({"checkpoint": os.path.abspath(config.teacher.checkpoint),
                     "model": config.teacher.model,
-                    "width_multiplier": config.teacher.width_multiplier})
+                    "width_multiplier": config.teacher.width_multiplier,
+                    **model_fingerprint(config.teacher)})
 
 
 def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
@@ -329,10 +485,14 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
   spec = config[stage.role]
   out = {"stage": stage.name, "kind": stage.kind, "model": spec.model,
          "width_multiplier": spec.width_multiplier,
-         "data": {k: v for k, v in config.data.to_dict().items()
-                  if k not in _NOT_FINGERPRINTED},
+         "data": {**{k: v for k, v in config.data.to_dict().items()
+                     if k not in _NOT_FINGERPRINTED},
+                  "pipeline": input_pipeline(config, stage)},
          "seed": config.seed, "schedule": stage.schedule.to_dict(),
-         "init_from": stage.init_from, "half_precision": bool(config.half_precision)}
+         "init_from": stage.init_from, "half_precision": bool(config.half_precision),
+         **model_fingerprint(spec)}
+  if stage.name != "teacher" and config.num_seeds != 1:
+    out["num_seeds"] = config.num_seeds  # The checkpoints' leading seed axis.
   if stage.role == "teacher" and config.teacher.num_classes:
     out["num_classes"] = config.teacher.num_classes
   if stage.name == "teacher" and config.teacher.pretrained:
@@ -387,3 +547,125 @@ def check_stage_dir(exp: Experiment, stage: Stage) -> None:
         f"{stage_dir} holds a different experiment's stage {stage.name!r} "
         f"({_first_difference(stored, expected)}); use a new --workdir, or delete "
         "that directory to start the stage over.")
+
+
+def _at_least(config, field: str, low, why: str = "") -> None:
+  """Fails (ValueError naming `--config.FIELD`) where `config.FIELD` < `low`."""
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+    raise ValueError(f"config.{field} must be a number >= {low}; got {value!r}"
+                     f"{why} (--config.{field}).")
+
+
+def check_settings(config, stages: List[Stage]) -> None:
+  """Fails before anything runs where a run-wide setting would only fail once a stage
+  has trained (`done % log_every`, checkpoint housekeeping, evaluation sizes)."""
+  for field in ("log_every", "checkpoint_every", "eval_batch_size"):
+    _at_least(config, field, 1)
+  # >= 2 keeps the checkpoint before the newest: a stage whose newest cannot be read
+  # (truncated by a disk or a copy) resumes from it instead of starting over.
+  _at_least(config, "max_checkpoints_to_keep", 1,
+            "; 2 keeps a fallback for a checkpoint that cannot be read")
+  for field in ("eval_every", "eval_examples", "data.pad"):
+    _at_least(config, field, 0)
+  if not config.schedule_scale > 0:
+    raise ValueError(f"config.schedule_scale must be positive; got "
+                     f"{config.schedule_scale!r} (--config.schedule_scale).")
+  for stage in stages:
+    if stage.schedule.eval_every < -1:
+      raise ValueError(f"{stage.schedule_field}.eval_every must be -1 (the config's "
+                       f"eval_every), 0 or positive; got {stage.schedule.eval_every}.")
+
+
+def _multiple_near(value: int, k: int, at_most: int) -> int:
+  """The multiple of `k` nearest above `value`, or below where that exceeds `at_most`."""
+  up = -(-value // k) * k
+  return up if up <= at_most or value < k else value // k * k
+
+
+def check_batches(exp: Experiment) -> None:
+  """Fails before the first stage where a batch cannot be split over the devices or
+  is larger than the training set (data.train_batches, data.eval_batches would only
+  fail when that stage starts, after the stages before it trained)."""
+  n_dev = exp.mesh.devices.size
+  n_train = len(exp.dataset.train_labels)
+  for stage in exp.stages:
+    field, bs = f"{stage.schedule_field}.batch_size", stage.schedule.batch_size
+    if bs > n_train:
+      raise ValueError(
+          f"{field}={bs} exceeds the {n_train} training examples of "
+          f"{exp.dataset.name}; set --config.{field} to at most {n_train} (stage "
+          f"{stage.name!r}).")
+    if bs % n_dev:
+      raise ValueError(
+          f"{field}={bs} is not divisible by the {n_dev} devices the batch is split "
+          f"over (stage {stage.name!r}); set --config.{field}="
+          f"{_multiple_near(bs, n_dev, n_train)}.")
+  bs = exp.config.eval_batch_size
+  if bs % n_dev:
+    raise ValueError(f"eval_batch_size={bs} is not divisible by the {n_dev} devices; "
+                     f"set --config.eval_batch_size={-(-bs // n_dev) * n_dev}.")
+
+
+def teacher_cache_bytes(exp: Experiment, stage: Stage) -> int:
+  """Host bytes of the teacher's cached targets (`config.fsp.cache_teacher`) for every
+  training example of `stage`: float32, what the distiller takes from the teacher."""
+  shape = exp.dataset.image_shape
+  t_logits, t_feats = network_outputs(exp.networks["teacher"], shape)
+  targets = jax.eval_shape(exp.distiller(stage).teacher_targets, t_logits, t_feats)
+  per_example = sum(int(np.prod(t.shape[1:])) for t in jax.tree.leaves(targets)) * 4
+  return len(exp.dataset.train_labels) * per_example
+
+
+def check_teacher_cache(exp: Experiment) -> None:
+  """Fails before the teacher trains where the FSP stage's teacher cache cannot fit in
+  80% of the host memory free now (the check the FSP stage makes again)."""
+  if not exp.config.fsp.cache_teacher:
+    return
+  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  for stage in exp.stages:
+    if stage.kind != "fsp":
+      continue
+    nbytes = teacher_cache_bytes(exp, stage)
+    if nbytes > 0.8 * available:
+      raise ValueError(
+          f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host "
+          f"memory for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB "
+          "are free. Set --config.fsp.cache_teacher=False (the teacher is then "
+          "recomputed every step).")
+
+
+def check_pretrained(exp: Experiment) -> None:
+  """Fails before anything runs where `teacher.pretrained` is missing or holds another
+  architecture (the stored shapes only; the classifier may differ)."""
+  path = exp.config.teacher.pretrained
+  if path and any(s.name == "teacher" for s in exp.stages):
+    checkpoints.check_pretrained(path, abstract_variables(exp, "teacher"),
+                                 "teacher.pretrained checkpoint")
+
+
+def check_workdir(exp: Experiment) -> None:
+  """`check_stage_dir` for every stage: again after waiting for another run, which
+  may have written the workdir meanwhile."""
+  for stage in exp.stages:
+    check_stage_dir(exp, stage)
+
+
+def checkpoint_bytes(exp: Experiment) -> int:
+  """About how many bytes the run's checkpoints take at most: per stage
+  `max_checkpoints_to_keep` steps of weights and SGD momentum (as many bytes again),
+  per seed, plus one step in flight."""
+  def stage_bytes(stage):
+    shapes = jax.tree.leaves(abstract_variables(exp, stage.role))
+    weights = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in shapes)
+    return 2 * weights * len(stage_seeds(exp, stage))
+  sizes = [stage_bytes(s) for s in exp.stages]
+  return sum(sizes) * exp.config.max_checkpoints_to_keep + max(sizes, default=0)
+
+
+def check_disk_space(exp: Experiment) -> None:
+  """Warns (one line) before anything runs where the workdir's disk looks too small
+  for the run's checkpoints; the run still starts (a full disk stops it cleanly)."""
+  checkpoints.warn_if_short_of_space(exp.workdir, checkpoint_bytes(exp))

@@ -37,6 +37,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from fsp_jax import checkpoints, data, guards, metrics, stages
+from fsp_jax import workdir as workdir_lib
 from fsp_jax.models import Network
 
 log = logging.getLogger("fsp_jax")
@@ -202,6 +203,52 @@ def _jit_train_step(student, teacher, distiller, use_labels):
                  donate_argnums=0)
 
 
+def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=None, *,
+                student: Network, teacher: Optional[Network] = None, distiller=None,
+                use_labels: bool = True, num_seeds: int = 1, device_batch=None):
+  """K training steps in one call (`lax.scan`), for one seed or several at once.
+
+  With `num_seeds` > 1, every leaf of `state` has a leading seed axis and the seeds
+  train side by side (`vmap`): each its own weights and data, one shared frozen
+  teacher. Each step computes what `train_step` computes.
+
+  Args:
+    state: a TrainState, `(S, ...)` leaves where there are S seeds.
+    inputs: per step (leading axis K): the batches `{'image' (K, [S,] B, H, W, C),
+      'label'}` (host pipeline) or, with `device_batch`, `{'indices' (K, [S,] B),
+      'seed', 'step' (K, [S])}` from which the batches are gathered and augmented on
+      the device.
+    train_data: `(images uint8 (N, H, W, C), labels (N,))` on the device, with
+      `device_batch`.
+    device_batch: `data.device_train_batch` keyword arguments as a tuple of pairs, or
+      None (host batches).
+
+  Returns:
+    `(state, metrics)`, each metric `(K, [S])`.
+  """
+  def one_step(st, x):
+    if device_batch is not None:
+      images, labels = train_data
+      x = data.device_train_batch(images, labels, x["indices"], x["seed"], x["step"],
+                                  **dict(device_batch))
+    return train_step(st, x, teacher_variables, student=student, teacher=teacher,
+                      distiller=distiller, use_labels=use_labels)
+  if num_seeds > 1:
+    one_step = jax.vmap(one_step)
+  return jax.lax.scan(one_step, state, inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_train_steps(student: Network, teacher: Optional[Network] = None, distiller=None,
+                    use_labels: bool = True, num_seeds: int = 1, device_batch=None):
+  """`train_steps` as `(state, inputs, teacher_variables, train_data) -> (state,
+  metrics)`, the state donated."""
+  return jax.jit(functools.partial(
+      train_steps, student=student, teacher=teacher, distiller=distiller,
+      use_labels=use_labels, num_seeds=num_seeds, device_batch=device_batch),
+      donate_argnums=0)
+
+
 @functools.lru_cache(maxsize=None)
 def jit_teacher_targets(teacher: Network, distiller):
   """`(teacher_variables, uint8 images) -> targets`: the teacher's share of a
@@ -227,11 +274,49 @@ def _jit_eval_distill(network: Network, teacher: Network, distiller):
 
 
 def _accumulate(totals: Optional[Dict[str, np.ndarray]], batch_sums):
-  """Adds one batch's sums (device arrays) into running host totals."""
+  """Adds one batch's sums (device arrays, scalars or per seed) into host totals."""
   batch_sums = jax.device_get(batch_sums)
   if totals is None:
-    return {k: np.float64(v) for k, v in batch_sums.items()}
-  return {k: totals[k] + np.float64(v) for k, v in batch_sums.items()}
+    return {k: np.asarray(v, np.float64) for k, v in batch_sums.items()}
+  return {k: totals[k] + np.asarray(v, np.float64) for k, v in batch_sums.items()}
+
+
+def eval_seeds_step(variables, batch, *, network: Network):
+  """`eval_classify_step` of S seeds' variables `(S, ...)` at once: per-seed sums
+  `(S,)` and `ensemble_correct`, the real examples the mean of the seeds' softmax
+  outputs classifies correctly (the paper's ensemble)."""
+  logits = jax.vmap(lambda v: network.apply(v, batch["image"])[0])(variables)
+  mask = batch["mask"]
+  losses = jax.vmap(lambda l: optax.softmax_cross_entropy_with_integer_labels(
+      l, batch["label"]))(logits)
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  ensemble = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+  ensemble_correct = (jnp.argmax(ensemble, -1) == batch["label"]).astype(jnp.float32)
+  return {"correct": jnp.sum(correct * mask, -1), "loss": jnp.sum(losses * mask, -1),
+          "count": jnp.sum(mask), "ensemble_correct": jnp.sum(ensemble_correct * mask)}
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_eval_seeds(network: Network):
+  return jax.jit(functools.partial(eval_seeds_step, network=network))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_eval_distill_seeds(network: Network, teacher: Network, distiller):
+  return jax.jit(jax.vmap(functools.partial(
+      eval_distill_step, network=network, teacher=teacher, distiller=distiller),
+      in_axes=(0, 0, None, None)))
+
+
+def _seed_results(seeds, values: Dict[str, np.ndarray]) -> Dict[str, Any]:
+  """Mean, std (ddof 1) and per-seed list of per-seed metrics `{name: (S,)}`."""
+  out = {}
+  for name, v in values.items():
+    out[name] = float(np.mean(v))
+    out[f"{name}_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+  out["per_seed"] = [{"seed": int(s), **{k: float(v[i]) for k, v in values.items()}}
+                     for i, s in enumerate(seeds)]
+  return out
 
 
 def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_params=None,
@@ -240,28 +325,42 @@ def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_p
 
   `examples` > 0 (and below the test set's size) evaluates on that many test
   examples, a fixed random subset (the same in every call), and says so in the
-  result (`test_examples`); 0 takes the whole test set.
+  result (`test_examples`); 0 takes the whole test set. A stage of several seeds
+  (`variables` with a leading seed axis) gives each metric's mean over seeds, its
+  `_std`, a `per_seed` list and, for a classifier, `ensemble_test_accuracy`.
   """
   images, labels = data.test_split(exp.dataset, examples)
   bs = exp.config.eval_batch_size
   subset = ({"test_examples": len(labels)}
             if len(labels) < len(exp.dataset.test_labels) else {})
   network = exp.networks[stage.role]
+  seeds = stages.stage_seeds(exp, stage)
+  multi = len(seeds) > 1
   totals = None
   batches = data.eval_batches(images, labels, exp.mesh, bs)
   if stage.kind == "classify":
-    step = _jit_eval_classify(network)
+    step = _jit_eval_seeds(network) if multi else _jit_eval_classify(network)
     for batch in batches:
       totals = _accumulate(totals, step(variables, batch))
-    return {"test_accuracy": float(totals["correct"] / totals["count"]),
-            "test_loss": float(totals["loss"] / totals["count"]), **subset}
+    if not multi:
+      return {"test_accuracy": float(totals["correct"] / totals["count"]),
+              "test_loss": float(totals["loss"] / totals["count"]), **subset}
+    out = _seed_results(seeds, {"test_accuracy": totals["correct"] / totals["count"],
+                                "test_loss": totals["loss"] / totals["count"]})
+    out["ensemble_test_accuracy"] = float(totals["ensemble_correct"] / totals["count"])
+    return {**out, **subset}
   distiller = exp.distiller(stage)
-  step = _jit_eval_distill(network, exp.networks["teacher"], distiller)
+  teacher = exp.networks["teacher"]
+  step = (_jit_eval_distill_seeds(network, teacher, distiller) if multi
+          else _jit_eval_distill(network, teacher, distiller))
   for batch in batches:
     totals = _accumulate(totals, step(variables, distiller_params or {},
                                       teacher_variables, batch))
   key = f"{distiller.name}_loss"
-  return {f"test_{key}": float(totals[key] / totals["count"]), **subset}
+  if not multi:
+    return {f"test_{key}": float(totals[key] / totals["count"]), **subset}
+  count = np.asarray(totals["count"]).reshape(-1)[0]
+  return {**_seed_results(seeds, {f"test_{key}": totals[key] / count}), **subset}
 
 
 def predict(network: Network, variables, images: np.ndarray, mesh,
@@ -314,6 +413,18 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _last_step_metrics(step_metrics, one_step: bool, num_seeds: int) -> Dict[str, Any]:
+  """Host floats of the last step of a call: its metrics (their mean over seeds, and
+  with several seeds `<name>_per_seed` lists too)."""
+  m = jax.device_get(step_metrics)
+  if not one_step:
+    m = {k: np.asarray(v)[-1] for k, v in m.items()}
+  out = {k: float(np.mean(v)) for k, v in m.items()}
+  if num_seeds > 1:
+    out.update({f"{k}_per_seed": [float(x) for x in np.asarray(v)] for k, v in m.items()})
+  return out
+
+
 def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
                        preemption: Optional[guards.PreemptionWatch] = None
                        ) -> Dict[str, Any]:
@@ -345,29 +456,32 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
   lr_fn = create_learning_rate_fn(sched.learning_rates, sched.boundaries)
   tx = create_optimizer(lr_fn, sched.momentum, sched.weight_decay)
   distiller_params = stages.initial_distiller_params(exp, stage, distiller)
-  state = jax.jit(lambda v, d: create_train_state(network, v, tx, d),
+  seeds = stages.stage_seeds(exp, stage)
+  create = lambda v, d: create_train_state(network, v, tx, d)  # noqa: E731
+  state = jax.jit(create if len(seeds) == 1 else jax.vmap(create),
                   out_shardings=exp.replicated)(variables, distiller_params)
 
   mngr = checkpoints.manager(stage_dir, cfg.max_checkpoints_to_keep)
-  start = mngr.latest_step() or 0
+  # The newest intact checkpoint (one that cannot be read is moved aside).
+  state, meta, start = checkpoints.restore_latest(mngr, state, stage.name)
   # Wall time of the steps the restored checkpoint holds; steps redone after a kill
   # are not counted twice.
   wall_before = 0.0
   if start:
-    state, meta = checkpoints.restore_state(mngr, start, state)
     wall_before = float(meta.get("wall_time_s", 0.0))
     log.info("[%s] resumes from its checkpoint at step %d.", stage.name, start)
   total = sched.num_steps
   writer = metrics.MetricsWriter(stage_dir, start, kind=stage.kind, final_step=total)
-  step_fn = jit_train_step(network, teacher, distiller, stage.kind == "classify")
   step_teacher = None if cache is not None else teacher_variables
   guard = guards.NonFiniteGuard(stage.name, f"{stage.schedule_field}.learning_rates",
                                 stage_dir, exp.replicated)
   eval_every = cfg.eval_every if sched.eval_every < 0 else sched.eval_every
-  log.info("[%s] %s of %s (%s), steps %d..%d, batch %d.", stage.name, stage.kind,
-           cfg[stage.role].model, stage.role, start, total, sched.batch_size)
+  pipeline = stages.input_pipeline(cfg, stage)
+  log.info("[%s] %s of %s (%s), steps %d..%d, batch %d%s.", stage.name, stage.kind,
+           cfg[stage.role].model, stage.role, start, total, sched.batch_size,
+           f", seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else "")
   t_stage = time.time()
-  progress = metrics.Progress(stage.name, start, total, sched.batch_size)
+  progress = metrics.Progress(stage.name, start, total, sched.batch_size * len(seeds))
   last_saved = start
 
   def save(step):
@@ -376,17 +490,42 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
                      {"wall_time_s": wall_before + time.time() - t_stage})
 
   try:
-    batches = data.train_batches(exp.dataset, exp.mesh, sched.batch_size, cfg.seed,
-                                 start, total, augment=sched.augment,
-                                 pad=cfg.data.pad, flip=cfg.data.flip, extras=cache)
-    for step, batch in batches:
-      state, step_metrics = step_fn(state, batch, step_teacher)
-      done = step + 1
-      guard.track(step_metrics["loss"], done)
+    use_labels = stage.kind == "classify"
+    if pipeline == "host" and cfg.steps_per_call == 1 and len(seeds) == 1:
+      # One step per call from the host pipeline: `train_step` itself.
+      step_fn = jit_train_step(network, teacher, distiller, use_labels)
+      calls = ((step, step + 1, batch) for step, batch in data.train_batches(
+          exp.dataset, exp.mesh, sched.batch_size, cfg.seed, start, total,
+          augment=sched.augment, pad=cfg.data.pad, flip=cfg.data.flip, extras=cache))
+      run_call = lambda state, inputs: step_fn(state, inputs, step_teacher)  # noqa: E731
+    else:
+      device_batch = None
+      train_data = None
+      if pipeline == "device":
+        device_batch = (("augment", bool(sched.augment)), ("pad", int(cfg.data.pad)),
+                        ("flip", bool(cfg.data.flip)),
+                        ("crop_size", tuple(exp.dataset.crop_size or ())))
+        train_data = (jax.device_put(exp.dataset.train_images, exp.replicated),
+                      jax.device_put(exp.dataset.train_labels, exp.replicated))
+      steps_fn = jit_train_steps(network, teacher, distiller, use_labels, len(seeds),
+                                 device_batch)
+      calls = data.train_calls(
+          exp.dataset, exp.mesh, sched.batch_size, seeds,
+          data.call_ranges(start, total, cfg.steps_per_call,
+                           (cfg.log_every, eval_every, cfg.checkpoint_every)),
+          device=pipeline == "device", augment=sched.augment, pad=cfg.data.pad,
+          flip=cfg.data.flip)
+      run_call = lambda state, inputs: steps_fn(  # noqa: E731
+          state, inputs, step_teacher, train_data)
+    for lo, done, inputs in calls:
+      state, step_metrics = run_call(state, inputs)
+      guard.track(step_metrics["loss"], done, lo + 1)
       preempted = preemption is not None and preemption.reached()
       if done % cfg.log_every == 0 or done == total:
         guard.check(mngr, done)
-        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        record = _last_step_metrics(step_metrics, one_step=done - lo == 1 and
+                                    pipeline == "host" and cfg.steps_per_call == 1
+                                    and len(seeds) == 1, num_seeds=len(seeds))
         images_per_s = progress.update(done, record["loss"])
         writer.write({"step": done, "learning_rate": float(lr_fn(done - 1)),
                       "images_per_s": images_per_s, **record})
@@ -417,25 +556,32 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
   return result
 
 
-def run(config, workdir: str) -> Dict[str, Any]:
+def run(config, workdir: str, wait_for_workdir: bool = False) -> Dict[str, Any]:
   """Runs (or resumes) every stage of `config` in `workdir`; returns results.json.
 
-  Stages already in `WORKDIR/results.json` are skipped; an interrupted one resumes
-  from its last checkpoint.
+  Stages already in `WORKDIR/results.json` are skipped where their final checkpoint
+  can be read (else they run again from their newest intact one); an interrupted one
+  resumes from its last checkpoint. The workdir is held for the run
+  (`fsp_jax.workdir`): another run on it raises WorkdirBusy, or, with
+  `wait_for_workdir`, is waited for.
   """
   exp = stages.setup(config, workdir)
-  os.makedirs(exp.workdir, exist_ok=True)
-  results = metrics.read_results(exp.workdir)
-  with guards.PreemptionWatch() as preemption:
-    for stage in exp.stages:
-      if stage.name in results and os.path.isdir(exp.stage_dir(stage.name)):
-        log.info("[%s] finished earlier (%s); skipping.", stage.name,
-                 metrics.summary(results[stage.name]))
-        continue
-      results[stage.name] = train_and_evaluate(exp, stage, preemption)
-      if jax.process_index() == 0:
-        metrics.write_results(exp.workdir, results)
-      _sync(f"results {stage.name}")
-      if preemption.signalled and stage is not exp.stages[-1]:
-        raise guards.Preempted(f"[{stage.name}] SIGTERM: stage finished and saved.")
+  with workdir_lib.hold(exp.workdir, wait=wait_for_workdir) as lock:
+    if lock.waited:  # The run waited for may have written the workdir meanwhile.
+      stages.check_workdir(exp)
+    results = metrics.read_results(exp.workdir)
+    with guards.PreemptionWatch() as preemption:
+      for stage in exp.stages:
+        if (stage.name in results and os.path.isdir(exp.stage_dir(stage.name))
+            and checkpoints.final_intact(exp.stage_dir(stage.name),
+                                         stage.schedule.num_steps, stage.name)):
+          log.info("[%s] finished earlier (%s); skipping.", stage.name,
+                   metrics.summary(results[stage.name]))
+          continue
+        results[stage.name] = train_and_evaluate(exp, stage, preemption)
+        if jax.process_index() == 0:
+          metrics.write_results(exp.workdir, results)
+        _sync(f"results {stage.name}")
+        if preemption.signalled and stage is not exp.stages[-1]:
+          raise guards.Preempted(f"[{stage.name}] SIGTERM: stage finished and saved.")
   return results

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The full-scale run for one GPU, inside one 10-minute command (see README.md here).
+#
+#   bash benchmarks/gpu/run.sh                 # on the GPU machine, from the repo root
+#   DRY_RUN=1 bash benchmarks/gpu/run.sh       # the same script at a tiny scale, any CPU
+#
+# 1. bench: fsp_jax's steps in float32 and bfloat16 (images/s, XLA's FLOP count, share
+#    of the GPU's peak), whole loops (host pipeline one step per call vs the device
+#    pipeline with K steps per call, 3 seeds), and the PyTorch peer at its best.
+# 2. The paper's Table 3 at full scale (teacher ResNet-26 64k iterations, stage 1 21k,
+#    FSP and scratch ResNet-8 64k each, 3 seeds in one program), then Table 1 if the
+#    time left allows; tables beside the paper's numbers, the time of every stage.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+OUT=$(mkdir -p "${OUT:-runs/gpu}" && cd "${OUT:-runs/gpu}" && pwd)
+DRY_RUN=${DRY_RUN:-0}
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-570}  # Table 1 only starts with this much of the command left.
+export PYTHONUNBUFFERED=1 JAX_TRACEBACK_FILTERING=off
+
+# What the GPU machine lacks travels in .whl/ (ml-collections, tensorboardX and
+# fsp_jax's own wheel, so that its shipped configs resolve by name): installed into
+# /tmp. Everything then runs outside the checkout, so the installed fsp_jax is used.
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+if ! (cd /tmp && "$PY" -c "import fsp_jax.configs") 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+      --target /tmp/fsp_site .
+  export PYTHONPATH=/tmp/fsp_site:${PYTHONPATH:-}
+fi
+
+if [ "$DRY_RUN" = 1 ]; then
+  SCALE=${SCALE:-0.0002}; BENCH=(--steps 2 --warmup 1 --batch_size 16 --teacher_depth 8)
+  LOOP=(--loop_steps 4 --repeats 1 --batch_size 16); K=2
+  DATA=(--config.data.source=digits --config.data.image_size="(8,8)" --config.data.pad=1)
+  TORCH=(--steps 2 --warmup 1 --batch_size 16 --no_compile)
+else
+  SCALE=${SCALE:-1.0}; BENCH=(--steps 50 --warmup 10); LOOP=(--loop_steps 1000 --repeats 3)
+  K=${K:-200}
+  DATA_DIR=${DATA_DIR:-/tmp/cifar10}
+  if [ ! -d "$DATA_DIR/train" ]; then
+    tar xzf "$REPO/.data/cifar10-images.tar.gz" -C "$(dirname "$DATA_DIR")"
+  fi
+  DATA=(--config.data.source=folder --config.data.root="$DATA_DIR")
+  TORCH=(--steps 50 --warmup 10)
+fi
+
+stage() { echo "== $1 ($(( $(date +%s) - START )) s into the run)"; }
+cd "$OUT"
+
+stage "bench float32"
+"$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp,teacher | tee "$OUT/bench_f32.json"
+stage "bench bfloat16"
+"$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp,teacher --half_precision \
+    | tee "$OUT/bench_bf16.json"
+stage "bench loops: host pipeline 1 step/call vs K=$K steps/call, 3 seeds"
+"$PY" "$REPO"/benchmarks/bench.py --loop "${LOOP[@]}" --steps_per_call "$K" --num_seeds 3 \
+    | tee "$OUT/bench_loop.json"
+stage "PyTorch peer"
+if "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" "$REPO"/benchmarks/gpu/torch_gpu.py "${TORCH[@]}" | tee "$OUT/torch.json" || true
+else
+  echo '{"error": "torch is not installed"}' | tee "$OUT/torch.json"
+fi
+
+common=("${DATA[@]}" --config.schedule_scale="$SCALE" --config.num_seeds=3
+        --config.steps_per_call="$K" --config.data.pipeline=device --config.eval_every=0
+        --config.log_every="$K" --config.checkpoint_every=$(( K * 40 )))
+stage "Table 3 at scale $SCALE: teacher, stage 1, FSP students, scratch (3 seeds each)"
+"$PY" -m fsp_jax.main --config cifar10_minimization --workdir "$OUT/table3" "${common[@]}"
+left=$(( BUDGET_S - ($(date +%s) - START) ))
+if [ "$left" -gt 240 ] || [ "$DRY_RUN" = 1 ]; then
+  stage "Table 1 at scale $SCALE (the Table 3 teacher; ResNet-26 students, one shared stage 1)"
+  "$PY" -m fsp_jax.main --config cifar10_fast_optimization --workdir "$OUT/table1" \
+      "${common[@]}" --config.teacher.checkpoint="$OUT/table3/teacher" || true
+else
+  echo "== Table 1 skipped: ${left} s left of the budget"
+fi
+stage "summary"
+"$PY" "$REPO"/benchmarks/gpu/tables.py "$OUT" | tee "$OUT/summary.md"
