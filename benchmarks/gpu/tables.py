@@ -45,11 +45,11 @@ def bench_table(out_dir):
         label = (f"jax {name[6:]}, {r['steps_per_call']} steps/call, "
                  f"{r['num_seeds']} seeds")
         rows.append(f"| {label} | {step} | {ips:,.0f} | "
-                    f"{tflops:.1f} | {share} |" if tflops else
+                    f"{tflops:.3g} | {share} |" if tflops else
                     f"| {label} | {step} | {ips:,.0f} | - | - |")
   for r in _json_lines(os.path.join(out_dir, "torch.json")):
     if "error" in r:
-      rows.append(f"| torch amp={r['amp_bf16']} compile={r['compile']} | - | "
+      rows.append(f"| torch amp={r.get('amp_bf16', '-')} compile={r.get('compile', '-')} | - | "
                   f"{r['error']} | | |")
       continue
     for step in ("main", "fsp", "teacher"):
