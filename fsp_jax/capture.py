@@ -186,14 +186,19 @@ def _nnx_apply(model: nnx.Module, inputs, layers, kwargs):
         del cls.__call__
       else:
         cls.__call__ = original
-  sown = state.to_pure_dict() if hasattr(state, "to_pure_dict") else dict(state)
+  sown = state.to_pure_dict()
   features = {}
   for name in layers:
     node = sown
-    for part in name.split("/"):
-      node = node[int(part) if isinstance(node, Mapping) and part not in node
-                  and part.isdigit() else part]
-    features[name] = node[_NNX_NAME][-1]  # The last call's output.
+    try:
+      for part in name.split("/"):
+        # List entries are keyed by int in NNX state, by their digits in a path.
+        node = node[part] if part in node else node[int(part)]
+      features[name] = node[_NNX_NAME][-1]  # The last call's output.
+    except (KeyError, ValueError, TypeError):
+      raise ValueError(f"layer {name!r} of {type(model).__name__} did not run in the "
+                       "forward pass; name a layer that computes the model's output."
+                       ) from None
   return out, features
 
 

@@ -97,14 +97,21 @@ def damage(e: BaseException) -> Optional[str]:
   return None
 
 
-def write_failure(e: BaseException) -> Optional[BaseException]:
-  """The storage error (full disk, I/O error, ...) behind `e`, or None."""
+def write_failure(e: BaseException) -> Optional[str]:
+  """What a storage that cannot take a write says behind `e` ('No space left on
+  device', 'Input/output error', ...), or None where `e` is another error. Orbax
+  raises the OSError itself, or TensorStore's status text that quotes it."""
   for x in _chain(e):
     if isinstance(x, OSError) and x.errno in WRITE_ERRNOS:
-      return x
-    if any(t in str(x) for t in _WRITE_TEXTS):
-      return x
+      return os.strerror(x.errno)
+    found = [t for t in _WRITE_TEXTS if t in str(x)]
+    if found:
+      return found[0]
   return None
+
+
+def _errno_of(reason: str) -> Optional[int]:
+  return next((code for code in WRITE_ERRNOS if os.strerror(code) == reason), None)
 
 
 def _all_agree(ok: bool) -> bool:
@@ -130,16 +137,16 @@ class _StageManager(ocp.CheckpointManager):
   _failed: Optional[BaseException] = None
 
   def _write_error(self, step, e: BaseException) -> CheckpointWriteError:
-    cause = write_failure(e) or e
+    reason = write_failure(e) or _first_line(e)
     stage = os.path.basename(os.path.dirname(str(self.directory)))
     kept = [s for s in self.all_steps() if s != step]
     intact = (f"the checkpoint of step {max(kept)}" if kept else
               "no earlier checkpoint of this stage exists; earlier stages")
     err = CheckpointWriteError(
-        f"[{stage}] could not save the checkpoint of step {step} in {self.directory}: "
-        f"{_first_line(cause)}. The run stopped; {intact} and results.json are "
-        "intact. Free space (or fix the disk), then run the same command to resume.")
-    err.errno = getattr(cause, "errno", None)
+        f"[{stage}] could not save the checkpoint of step {step} in {self.directory} "
+        f"({reason}). The run stopped; {intact} and results.json are intact. Free "
+        "space (or fix the disk), then run the same command to resume.")
+    err.errno = _errno_of(reason)
     self._failed = err
     return err
 
@@ -635,7 +642,15 @@ def warn_if_short_of_space(workdir: str, nbytes: int) -> bool:
   free = stat.f_bavail * stat.f_frsize
   if nbytes <= free:
     return False
-  log.warning("the checkpoints of this run take about %.2f GiB, but only %.2f GiB are "
-              "free under %s; a full disk stops the run (exit status 4) and the same "
-              "command resumes once there is space.", nbytes / 2**30, free / 2**30, path)
+  log.warning("the checkpoints of this run take about %s, but only %s are free under "
+              "%s; a full disk stops the run (exit status 4) and the same command "
+              "resumes once there is space.", _size(nbytes), _size(free), path)
   return True
+
+
+def _size(nbytes: int) -> str:
+  """'3.2 GiB', '640 MiB', '12 KiB'."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+    if nbytes >= scale:
+      return f"{nbytes / scale:.3g} {unit}"
+  return f"{nbytes / 2**10:.3g} KiB"

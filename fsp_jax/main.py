@@ -13,7 +13,7 @@ One run per workdir: a second run on a workdir in use stops at once (status 3, o
 line naming the run that holds it), or waits for it with `--wait_for_workdir`.
 
 Every failure is one line `fsp_jax: error: ...` on stderr, no traceback (`--debug`
-shows them). Exit status:
+raises errors with their tracebacks instead, status 1). Exit status:
   0    done.
   1    an unexpected error (a bug: rerun with --debug and report the traceback).
   2    bad input: a config, flag, data set or checkpoint to fix (the line names the
@@ -147,11 +147,13 @@ def _initialize_distributed(jax) -> None:
 
 
 class _NoTracebacks(logging.Filter):
-  """Library log records as one line: no traceback. Orbax's errors that carry one
-  are dropped: Orbax raises each of them again, and the CLI reports it in one line."""
+  """Library log records as one line: no traceback. Dropped: Orbax's errors that carry
+  one (Orbax raises each again, and the CLI reports it in one line) and asyncio's
+  ('Task exception was never retrieved': the sibling writes of a failed save)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and "orbax" in (record.pathname or ""):
+    if record.name == "asyncio" or (record.exc_info
+                                    and "orbax" in (record.pathname or "")):
       return False
     record.exc_info = record.exc_text = record.stack_info = None
     return True

@@ -226,7 +226,9 @@ def results_table(results: Dict[str, Any]) -> str:
   seeds = any("ensemble_test_accuracy" in r for r in results.values())
   rows = [("run", "model", "steps", "test acc %") + (("ensemble %",) if seeds else ())
           + ("time s",)]
-  for name, r in results.items():
+  order = ("teacher", "student", "fitnet", "kd", "scratch", "teacher_short")
+  for name, r in sorted(results.items(), key=lambda kv: (
+      order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
     if "test_accuracy" not in r:
       continue
     acc = f"{100 * r['test_accuracy']:.2f}"

@@ -619,13 +619,13 @@ def teacher_cache_bytes(exp: Experiment, stage: Stage) -> int:
   return len(exp.dataset.train_labels) * per_example
 
 
-def check_teacher_cache(exp: Experiment) -> None:
-  """Fails before the teacher trains where the FSP stage's teacher cache cannot fit in
-  80% of the host memory free now (the check the FSP stage makes again)."""
+def check_teacher_cache(exp: Experiment, stage_list=None) -> None:
+  """Fails where the FSP stage's teacher cache cannot fit in 80% of the host memory
+  free now: before the teacher trains, and again when the FSP stage starts."""
   if not exp.config.fsp.cache_teacher:
     return
   available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  for stage in exp.stages:
+  for stage in (exp.stages if stage_list is None else stage_list):
     if stage.kind != "fsp":
       continue
     nbytes = teacher_cache_bytes(exp, stage)

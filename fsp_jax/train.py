@@ -386,18 +386,9 @@ def teacher_target_cache(exp: stages.Experiment, stage: stages.Stage, distiller,
   if stage.kind != "fsp" or not exp.config.fsp.cache_teacher:
     return None
   ds, bs = exp.dataset, exp.config.eval_batch_size
+  stages.check_teacher_cache(exp, [stage])
+  nbytes = stages.teacher_cache_bytes(exp, stage)
   targets = jit_teacher_targets(exp.networks["teacher"], distiller)
-  shapes = jax.eval_shape(targets, teacher_variables, jax.ShapeDtypeStruct(
-      (bs,) + tuple(ds.image_shape), jnp.uint8))
-  per_example = sum(int(np.prod(s.shape[1:])) for s in jax.tree.leaves(shapes)) * 4
-  nbytes = len(ds.train_labels) * per_example
-  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  if nbytes > 0.8 * available:
-    raise ValueError(
-        f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host memory "
-        f"for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB are "
-        "free. Set --config.fsp.cache_teacher=False (the teacher is then recomputed "
-        "every step).")
   t0 = time.time()
   cache = data.map_examples(lambda images: targets(teacher_variables, images),
                             ds.train_images, exp.mesh, bs)
