@@ -25,7 +25,8 @@ def parse_args(argv, default_name: str):
   p.add_argument("--data_root", default=DEFAULT_ROOT,
                  help="CIFAR-10 image folder (DIR/train/<class>/*, DIR/test/<class>/*).")
   p.add_argument("--workdir", default="runs/own_models",
-                 help="Runs go to WORKDIR/<name>/seed<k>, the teacher to WORKDIR/teacher.")
+                 help="Runs go to WORKDIR/<name>/seed<k>, the teacher to "
+                      "WORKDIR/teacher.")
   p.add_argument("--name", default=default_name)
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--teacher_model", default="cifar_resnet14")

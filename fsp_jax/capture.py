@@ -24,6 +24,7 @@ import inspect
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 from flax import nnx
 
 # Where Linen intermediates go (flax's collection name) and the NNX sow name.
@@ -35,7 +36,7 @@ def _is_nnx(model) -> bool:
   return isinstance(model, nnx.Module)
 
 
-def _first(out):
+def first_output(out):
   """A layer's output: the first element where it returns a tuple or list."""
   return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -58,7 +59,8 @@ def unknown_layer_error(name: str, available: Sequence[str], model) -> ValueErro
   shown = ", ".join(repr(p) for p in close) if close else "none"
   return ValueError(
       f"layer {name!r} is not a layer of {type(model).__name__}; closest layer paths: "
-      f"{shown} ({len(available)} layers in all; fsp_jax.capture.layer_paths lists them).")
+      f"{shown} ({len(available)} layers in all; fsp_jax.capture.layer_paths lists "
+      "them).")
 
 
 # ---------------------------------------------------------------------------- Linen
@@ -99,12 +101,13 @@ def _linen_lookup(tree, path: str):
   if not isinstance(node, Mapping) or "__call__" not in node:
     return None
   # One entry per call of the layer; the last call's output, as a forward hook sees it.
-  return _first(node["__call__"][-1])
+  return first_output(node["__call__"][-1])
 
 
 def _linen_apply(model: nn.Module, variables, inputs, layers, kwargs):
   if "capture_intermediates" in kwargs:
-    raise ValueError("capture_features sets capture_intermediates itself; do not pass it.")
+    raise ValueError("capture_features sets capture_intermediates itself; do not pass "
+                     "it.")
   user_mutable = kwargs.pop("mutable", False)
   mutable, asked = _linen_mutable(user_mutable)
   wanted = frozenset(layers)
@@ -120,8 +123,8 @@ def _linen_apply(model: nn.Module, variables, inputs, layers, kwargs):
   for name in layers:
     value = _linen_lookup(captured, name)
     if value is None:
-      raise unknown_layer_error(name, linen_layer_paths(model, variables, inputs, **kwargs),
-                                model)
+      available = linen_layer_paths(model, variables, inputs, **kwargs)
+      raise unknown_layer_error(name, available, model)
     features[name] = value
   if not asked:
     state.pop(_LINEN_COLLECTION, None)
@@ -130,10 +133,10 @@ def _linen_apply(model: nn.Module, variables, inputs, layers, kwargs):
   return (out, state), features
 
 
-def linen_layer_paths(model: nn.Module, variables, inputs, **apply_kwargs) -> Tuple[str, ...]:
+def linen_layer_paths(model: nn.Module, variables, inputs,
+                      **apply_kwargs) -> Tuple[str, ...]:
   """Paths of every submodule a Linen `model.apply` calls, in call order; no compute
   (shapes only)."""
-  import jax
   apply_kwargs = {k: v for k, v in apply_kwargs.items()
                   if k not in ("mutable", "capture_intermediates")}
   _, state = jax.eval_shape(lambda v, x: model.apply(
@@ -158,7 +161,7 @@ def _sowing(cls, targets):
   def __call__(self, *args, **kwargs):
     out = call(self, *args, **kwargs)
     if type(self) is cls and any(self is t for t in targets):
-      self.sow(nnx.Intermediate, _NNX_NAME, _first(out))
+      self.sow(nnx.Intermediate, _NNX_NAME, first_output(out))
     return out
   return __call__
 

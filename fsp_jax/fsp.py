@@ -116,7 +116,8 @@ def tokens_to_grid(tokens: jax.Array, grid: Optional[Tuple[int, int]] = None,
   if tokens.ndim != 3:
     raise ValueError(f"a token map is (B, N, C); got shape {tuple(tokens.shape)}.")
   if drop_leading < 0 or drop_leading >= tokens.shape[1]:
-    raise ValueError(f"drop_leading={drop_leading} leaves no tokens of {tokens.shape[1]}.")
+    raise ValueError(f"drop_leading={drop_leading} leaves no tokens of the "
+                     f"{tokens.shape[1]}.")
   b, n, c = tokens.shape
   n -= drop_leading
   if grid is None or not tuple(grid):

@@ -1,5 +1,7 @@
 """Flax (Linen) ResNets that return `(logits, features)`, and `Network`: a model with its
-input normalisation, what the training steps apply.
+input normalisation, what the training steps apply. `Network` also wraps models of your
+own, Linen or NNX (`NnxModel`), given by import path, their features taken by layer
+path (`fsp_jax.capture`; docs/own_models.md).
 
 `features` are the section boundaries FSP needs, by name: `{'stem': ..., 'section1':
 ..., ..., 'sectionK': ...}`, each channels-last `(B, H, W, C)` and taken after the ReLU
@@ -375,7 +377,8 @@ class Network:
       if not train:
         out, batch_stats = self.module.apply(variables, x, train=False), None
       else:
-        out, updates = self.module.apply(variables, x, train=True, mutable=["batch_stats"])
+        out, updates = self.module.apply(variables, x, train=True,
+                                         mutable=["batch_stats"])
         batch_stats = updates["batch_stats"]
       if not (self.feature_keys or self.drop_tokens or self.token_grid):
         return (out, batch_stats) if train else out
@@ -388,7 +391,7 @@ class Network:
       if train:
         out, updates = out
         batch_stats = updates.get("batch_stats", {})
-    logits = capture._first(out).astype(jnp.float32)
+    logits = capture.first_output(out).astype(jnp.float32)
     features = self._named(raw)
     return ((logits, features), batch_stats) if train else (logits, features)
 

@@ -235,7 +235,11 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
                       distiller=distiller, use_labels=use_labels)
   if num_seeds > 1:
     one_step = jax.vmap(one_step)
-  return jax.lax.scan(one_step, state, inputs)
+  # XLA:CPU runs these steps ~8x slower inside a rolled loop than unrolled (measured
+  # on a 2-core x86-64 CPU, docs/performance.md); elsewhere a rolled loop keeps
+  # compilation short for hundreds of steps per call.
+  unroll = jax.default_backend() == "cpu"
+  return jax.lax.scan(one_step, state, inputs, unroll=unroll)
 
 
 @functools.lru_cache(maxsize=None)

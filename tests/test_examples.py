@@ -16,7 +16,7 @@ if REPO not in sys.path:
 
 from flax import nnx  # noqa: E402
 
-from examples import cnn_nnx, vit_student  # noqa: E402
+from examples import cnn_nnx  # noqa: E402
 
 SMALL_CNN = ("--config.student.model=examples.cnn_linen:SmallCNN",
              "--config.student.features=('stem','block1','block2','block3')")
@@ -181,6 +181,9 @@ def test_vit_student_with_token_maps_in_process(tmp_path):
                          features=("patch_embed", "block1", "block2", "block3"))
   config.data.image_size = (16, 16)
   config.fsp.adapter = True
+  # As examples/vit_student.py: the element-mean loss, at a low learning rate.
+  config.fsp.reduction = "mean"
+  config.fsp.schedule.learning_rates = (0.002,)
   results = train.run(config, str(tmp_path))
   assert results["fsp"]["test_fsp_loss"] > 0
   assert 0.0 <= results["student"]["test_accuracy"] <= 1.0
@@ -193,3 +196,11 @@ def test_readme_own_model_section_runs_as_written():
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
   assert len(blocks) == 1, "the section has one Python block"
   exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.slow
+def test_own_models_doc_code_runs():
+  text = open(os.path.join(REPO, "docs", "own_models.md")).read()
+  namespace = {"__name__": "doc"}  # The blocks read as one session.
+  for block in re.findall(r"```python\n(.*?)```", text, re.S):
+    exec(compile(block, "docs/own_models.md", "exec"), namespace)
