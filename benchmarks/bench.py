@@ -228,6 +228,18 @@ def run_jax(args, steps: Steps = None) -> Dict:
   return out
 
 
+def _synthetic_dataset(n: int = 50000):
+  """A CIFAR-sized training set in host memory: `n` random uint8 32x32x3 images."""
+  import numpy as np
+
+  from fsp_jax import data
+  rng = np.random.default_rng(0)
+  return data.Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                      rng.integers(0, 10, n).astype(np.int32),
+                      np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8,), np.int32), 10,
+                      np.zeros(3, np.float32), np.ones(3, np.float32), "synthetic")
+
+
 # ---- whole loops --------------------------------------------------------------------
 def run_loop(args) -> Dict:
   """Seconds per step and seed-images/s of the training loop as `train_and_evaluate`
@@ -240,12 +252,7 @@ def run_loop(args) -> Dict:
   import numpy as np
 
   from fsp_jax import data, models, train
-  rng = np.random.default_rng(0)
-  n = 50000
-  ds = data.Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                    rng.integers(0, 10, n).astype(np.int32),
-                    np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8,), np.int32), 10,
-                    np.zeros(3, np.float32), np.ones(3, np.float32), "synthetic")
+  ds = _synthetic_dataset()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   net = models.Network(models.create_model(f"cifar_resnet{args.student_depth}", 10,
@@ -320,12 +327,7 @@ def run_input_pipeline(args, num_batches: int = 200) -> Dict:
   import numpy as np
 
   from fsp_jax import data
-  rng = np.random.default_rng(0)
-  n = 50000
-  ds = data.Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                    rng.integers(0, 10, n).astype(np.int32),
-                    np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8,), np.int32), 10,
-                    np.zeros(3, np.float32), np.ones(3, np.float32), "synthetic")
+  ds = _synthetic_dataset()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   out = {"input_pipeline": "data.train_batches, synthetic 50000 x 32x32x3 uint8",
          "batch_size": args.batch_size}

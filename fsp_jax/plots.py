@@ -168,34 +168,49 @@ def fsp_snapshots(workdir: str, teacher_dir: Optional[str] = None,
   shape = dataset.image_shape
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-  def network(fp):
-    """(module, jitted variables -> FSP matrices of the test images)."""
-    net = models.Network(
+  def network(fp, keys=()):
+    """The stage's Network as its run built it (a preset, or a model by import path
+    with the layers its fingerprint names)."""
+    return models.Network(
         models.create_model(fp["model"], dataset.num_classes, fp["width_multiplier"]),
-        tuple(float(v) for v in dataset.mean), tuple(float(v) for v in dataset.std))
-    return net.module, jax.jit(lambda v: fsp.fsp_matrices(
-        net.apply(v, images)[1], pairs, pool))
+        tuple(float(v) for v in dataset.mean), tuple(float(v) for v in dataset.std),
+        layers=tuple(fp.get("features", ())), feature_keys=tuple(keys),
+        drop_tokens=int(fp.get("drop_tokens", 0)),
+        token_grid=tuple(fp.get("token_grid", ())), classes=dataset.num_classes)
 
-  names = models.create_model(student_fp["model"], 1).feature_names
+  student = network(student_fp)
+  names = student.feature_names
+  teacher = network(teacher_fp)
+  # As in the run: where the two name their features differently, the teacher's are
+  # keyed by the student's names, position by position.
+  if teacher.feature_names != names:
+    teacher = network(teacher_fp, keys=names)
   fsp_pairs = fsp_pairs or student_fp.get("fsp", {}).get("fsp_pairs")  # The run's.
   pairs = (fsp.resolve_pairs(fsp_pairs, names) if fsp_pairs
            else fsp.default_fsp_pairs(names))
 
-  def restore(model, stage_dir):
-    template = jax.eval_shape(lambda: models.init_variables(
-        model, jax.random.PRNGKey(0), shape))
-    template = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), template)
-    return checkpoints.restore_model(stage_dir, template, f"{stage_dir} checkpoint")
+  def matrices(net):
+    return jax.jit(lambda v: fsp.fsp_matrices(net.apply(v, images)[1], pairs, pool))
 
-  teacher, teacher_matrices = network(teacher_fp)
-  student, student_matrices = network(student_fp)
-  teacher_m = teacher_matrices(restore(teacher, teacher_dir)[0])
-  stage1_vars, stage1_step = restore(student, fsp_dir)
+  def restore(net, stage_dir, seeds=1):
+    """The stage's final variables (a several-seed stage's first seed)."""
+    template = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), shape))
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        ((seeds,) if seeds > 1 else ()) + a.shape, a.dtype, sharding=device), template)
+    variables, step = checkpoints.restore_model(stage_dir, template,
+                                                f"{stage_dir} checkpoint")
+    if seeds > 1:
+      variables = jax.tree.map(lambda x: x[0], variables)
+    return variables, step
+
+  teacher_m = matrices(teacher)(restore(teacher, teacher_dir)[0])
+  student_matrices = matrices(student)
+  stage1_vars, stage1_step = restore(student, fsp_dir,
+                                     int(student_fp.get("num_seeds", 1)))
   # The student as stage 1 was initialised (from the seed and its role).
   rng = jax.random.fold_in(jax.random.PRNGKey(student_fp["seed"]),
                            stages.ROLE_SEED["student"])
-  init_vars = jax.jit(lambda r: models.init_variables(student, r, shape))(rng)
+  init_vars = jax.jit(lambda r: student.init(r, shape))(rng)
   out = {"pairs": pairs,
          "stage1_step": stage1_step, "num_images": len(images),
          "teacher": [np.asarray(g.mean(0)) for g in teacher_m], "distance": {}}
