@@ -98,11 +98,19 @@ def test_seed_of_a_several_seed_run_equals_its_one_seed_run(tmp_path):
                         str(tmp_path / f"seed{seed}"))
     one = final_model(tmp_path / f"seed{seed}" / "student", exp1, "student")
     # Eq. 2's sum makes stage-1 gradients large: the two compilations' rounding shows
-    # at 1e-4..1e-3 in the weights after both stages (another seed's differ by ~0.1).
-    close(jax.tree.map(lambda x: x[seed], weights3), one, atol=1e-3)
-    other = final_model(tmp_path / "three" / "student", exp3, "student", seeds=3)
-    assert np.max(np.abs(other["params"]["classifier"]["kernel"][(seed + 1) % 3]
-                         - one["params"]["classifier"]["kernel"])) > 1e-2
+    # in the weights after both stages (up to ~2e-3 on a 2-core x86-64 CPU). So each
+    # array must be far closer to its one-seed run than another seed's is.
+    same = jax.tree.map(lambda x: x[seed], weights3)
+    other = jax.tree.map(lambda x: x[(seed + 1) % 3], weights3)
+    compared = 0
+    for (path, a), b, c in zip(jax.tree_util.tree_flatten_with_path(same)[0],
+                               jax.tree.leaves(one), jax.tree.leaves(other)):
+      a, b, c = (np.asarray(v, np.float64) for v in (a, b, c))
+      apart = np.max(np.abs(c - b))
+      if apart > 1e-3:  # (arrays all seeds keep alike, e.g. never-updated statistics)
+        assert np.max(np.abs(a - b)) <= 0.1 * apart, jax.tree_util.keystr(path)
+        compared += 1
+    assert compared >= 20  # ResNet-8: every kernel, BN scale and bias, the classifier.
     accs.append(run["student"]["test_accuracy"])
   # Means, spread and the per-seed list as the paper reports them.
   per_seed = [p["test_accuracy"] for p in three["student"]["per_seed"]]
