@@ -68,6 +68,8 @@ def parse_args(argv=None):
                  help="training steps per jitted call (lax.scan), as config.steps_per_call")
   p.add_argument("--num_seeds", type=int, default=1,
                  help="seeds trained side by side in one program, as config.num_seeds")
+  p.add_argument("--seed_axis", default="auto", choices=("auto", "vmap", "unrolled"),
+                 help="how several seeds share the program, as config.seed_axis")
   p.add_argument("--half_precision", action="store_true",
                  help="bfloat16 activations, as config.half_precision")
   p.add_argument("--input_pipeline", action="store_true",
@@ -142,9 +144,10 @@ class Steps:
       def stacked(tree):
         return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(
             x, lead + x.shape), sharding), tree)
-      fsp_step = train.jit_train_steps(student, teacher, distiller, False, n)
-      main = train.jit_train_steps(student, None, None, True, n)
-      teach = train.jit_train_steps(teacher, None, None, True, n)
+      ax = args.seed_axis
+      fsp_step = train.jit_train_steps(student, teacher, distiller, False, n, None, ax)
+      main = train.jit_train_steps(student, None, None, True, n, None, ax)
+      teach = train.jit_train_steps(teacher, None, None, True, n, None, ax)
       plain, cached = stacked(self.batch), stacked(cached_batch)
       extra = (None,)
     # name -> (jitted fn, state or None, other args); each step maps state -> state.
@@ -190,6 +193,8 @@ class Steps:
 
 def run_jax(args, steps: Steps = None) -> Dict:
   import jax
+
+  from fsp_jax.train import resolve_seed_axis
   steps = steps or Steps(args)
   names = [n for n in args.only.split(",") if n]
   for n in names:  # Compilation and warm-up.
@@ -207,6 +212,7 @@ def run_jax(args, steps: Steps = None) -> Dict:
          "batch_size": args.batch_size, "teacher_depth": args.teacher_depth,
          "student_depth": args.student_depth}
   out.update(steps_per_call=args.steps_per_call, num_seeds=args.num_seeds,
+             seed_axis=resolve_seed_axis(args.seed_axis),
              half_precision=args.half_precision)
   for n, t in times.items():
     # Images of every seed (seed-images) per second; the teacher's forward pass alone
@@ -271,7 +277,8 @@ def run_loop(args) -> Dict:
   def host_one(total):
     step = train.jit_train_step(net)
     if len(seeds) > 1:
-      step = train.jit_train_steps(net, None, None, True, len(seeds))
+      step = train.jit_train_steps(net, None, None, True, len(seeds), None,
+                                   args.seed_axis)
     state = fresh_state()
     if len(seeds) == 1:
       for _, batch in data.train_batches(ds, mesh, args.batch_size, 0, 0, total):
@@ -285,7 +292,8 @@ def run_loop(args) -> Dict:
   def calls(total, device):
     device_batch = (("augment", True), ("pad", 4), ("flip", False),
                     ("crop_size", ())) if device else None
-    steps = train.jit_train_steps(net, None, None, True, len(seeds), device_batch)
+    steps = train.jit_train_steps(net, None, None, True, len(seeds), device_batch,
+                                  args.seed_axis)
     train_data = ((jax.device_put(ds.train_images, replicated),
                    jax.device_put(ds.train_labels, replicated)) if device else None)
     state = fresh_state()

@@ -8,13 +8,16 @@ memory) and stage 1 costs about one student step.
 
 `:method=fitnet` gives the table's FitNet row (paper: 62.55%): the FitNet stage 1 and
 stage 2 with Hinton KD (see cifar10_fast_optimization), un-augmented.
+
+Stage 1 warms its learning rate up over its first 5 % (default.STAGE1_WARMUP);
+`:exact` runs the paper's stage 1 exactly as written.
 """
 from fsp_jax.config_lib import parse_arg
 from fsp_jax.configs import default
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, method="fsp", smoke=False)
+  arg = parse_arg(arg, method="fsp", smoke=False, exact=False)
   config = default.get_config()
   config.data.name = "cifar100"
   config.data.pad = 0

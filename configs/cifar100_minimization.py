@@ -4,13 +4,16 @@ Stage 2 as long as the teacher (64k). Paper: scratch 58.65%, FSP 63.33%.
 
 `:method=fitnet` gives the table's FitNet row (paper: 61.28%): the FitNet stage 1 and
 stage 2 with Hinton KD (see cifar10_minimization), un-augmented.
+
+Stage 1 warms its learning rate up over its first 5 % (default.STAGE1_WARMUP);
+`:exact` runs the paper's stage 1 exactly as written.
 """
 from fsp_jax.config_lib import parse_arg
 from fsp_jax.configs import default
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, method="fsp", smoke=False)
+  arg = parse_arg(arg, method="fsp", smoke=False, exact=False)
   config = default.get_config()
   config.data.name = "cifar100"
   config.data.pad = 0

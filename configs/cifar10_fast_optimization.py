@@ -10,13 +10,16 @@ through a learned 1x1 regressor (L2), 35k iterations at LR 1e-4, 1e-5 after 25k;
 2 the main task with Hinton KD (T = 3, weight 4 -> 1 linearly), the table's stage-2
 schedule. Run it in the same --workdir as the FSP run to reuse that run's teacher (or
 pass --config.teacher.checkpoint=DIR/teacher).
+
+Stage 1 warms its learning rate up over its first 5 % (default.STAGE1_WARMUP);
+`:exact` runs the paper's stage 1 exactly as written.
 """
 from fsp_jax.config_lib import parse_arg
 from fsp_jax.configs import default
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, method="fsp", smoke=False)
+  arg = parse_arg(arg, method="fsp", smoke=False, exact=False)
   config = default.get_config()
   config.teacher.model = "cifar_resnet26"
   config.student.model = "cifar_resnet26"

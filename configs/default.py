@@ -14,16 +14,19 @@ from fsp_jax.config_lib import parse_arg
 
 
 def schedule(num_steps, learning_rates, boundaries, batch_size=128, momentum=0.9,
-             weight_decay=1e-4, augment=True, eval_every=-1):
+             weight_decay=1e-4, augment=True, eval_every=-1, warmup_steps=0):
   """One stage's optimisation: SGD with momentum, piecewise-constant learning rate.
 
   eval_every: test-set evaluations every this many steps of the stage; -1 takes the
   config's `eval_every`, 0 evaluates only at the end.
+  warmup_steps: the learning rate rises linearly over the first this many steps
+  (scaled with the schedule; 0 = none, the paper).
   """
   return ml_collections.ConfigDict(dict(
       num_steps=num_steps, learning_rates=tuple(learning_rates),
       boundaries=tuple(boundaries), batch_size=batch_size, momentum=momentum,
-      weight_decay=weight_decay, augment=augment, eval_every=eval_every))
+      weight_decay=weight_decay, augment=augment, eval_every=eval_every,
+      warmup_steps=warmup_steps))
 
 
 def get_config(arg=None):
@@ -129,6 +132,10 @@ def get_config(arg=None):
       # CIFAR-100 setting). Host memory: 4 bytes x sum(m*n) per example, e.g. CIFAR-100
       # at 4x width: (64*64 + 64*128 + 128*256) * 4 B = 176 KiB x 50,000 = 9.0 GB.
       cache_teacher=False,
+      # With num_seeds > 1: True trains one stage 1 (seed `seed`) and starts every
+      # seed's stage 2 from it, as the paper's Algorithm 1 and Table 1 do (the
+      # spread then excludes stage-1 variance); False gives each seed its own.
+      shared=False,
   ))
 
   # FitNet (Romero et al.) stage 1: a student layer regressed onto a teacher layer.
@@ -174,6 +181,11 @@ def get_config(arg=None):
   # side in one program (vmap), with one shared teacher; results hold the mean, std,
   # each seed's and the ensemble's (mean softmax) test accuracy.
   config.num_seeds = 1
+  # How the seeds share the program: 'vmap' (one batched program), 'unrolled' (one
+  # copy of the step per seed in the same call) or 'auto': unrolled on CPU, where
+  # vmap's grouped convolutions run 5-20x slower (docs/performance.md), vmap else.
+  # The same numbers either way, within float tolerance.
+  config.seed_axis = "auto"
   return finish(config, arg)
 
 
@@ -219,8 +231,19 @@ def apply_method(config, method: str):
   return config
 
 
+# The paper configs' one change to the paper: stage 1's learning rate warms up linearly
+# over its first 5 % of iterations (Eq. 2's sum and LR 1e-3 otherwise as written). The
+# paper's stage 1 sits at the edge of stability: without it a ResNet-26 student can
+# diverge in its first iterations (docs/reproduction/). `:exact` drops the warm-up.
+STAGE1_WARMUP = 0.05
+
+
 def finish(config, arg):
-  """Applies the shared config arguments (`smoke`, `method`) that `arg` holds."""
+  """Applies the shared config arguments (`smoke`, `method`, `exact`) that `arg`
+  holds; a config taking `exact` gets the stage-1 warm-up unless `exact` is set."""
+  if "exact" in arg and not arg.exact:
+    config.fsp.schedule.warmup_steps = int(round(
+        STAGE1_WARMUP * config.fsp.schedule.num_steps))
   if arg.get("method"):
     apply_method(config, arg.method)
   if arg.smoke:

@@ -36,7 +36,7 @@ class ResidualModule(nn.Module):
   strides: int
   conv: ModuleDef
   norm: ModuleDef
-  padding: Any = "SAME"
+  padding: Any = 1
 
   @nn.compact
   def __call__(self, x):
@@ -74,16 +74,21 @@ class ResNet(nn.Module):
     stem: "cifar" (BN-conv3x3-BN-ReLU) or "imagenet" (conv7x7/2-BN-ReLU-maxpool3x3/2).
     dtype: computation dtype (float32, or bfloat16 for mixed precision); parameters
       stay float32.
-    conv_padding: padding of the 3x3 convolutions in residual modules. "SAME" pads a
-      stride-2 convolution of an even-sized map by (0, 1); 1 pads (1, 1) as PyTorch
-      does, which torchvision weights need (the ImageNet family uses it).
+    conv_padding: padding of the 3x3 convolutions in residual modules: 1 pads (1, 1)
+      as Caffe and PyTorch do, so a stride-2 convolution's output at (i, j) is
+      centred on input pixel (2i, 2j), the pixel the 1x1 stride-2 shortcut samples
+      (torchvision weights need it too). "SAME" would pad an even-sized map by (0, 1)
+      at stride 2, centring the output one pixel off the shortcut.
+
+  Shortcuts are identities, or 1x1 projections (convolution + BN) where width or
+  resolution changes (the paper does not say which; RepDistiller does the same).
   """
   modules_per_section: Sequence[int]
   widths: Sequence[int]
   num_classes: int = 10
   stem: str = "cifar"
   dtype: Any = jnp.float32
-  conv_padding: Any = "SAME"
+  conv_padding: Any = 1
 
   @property
   def feature_names(self) -> Tuple[str, ...]:
@@ -152,7 +157,7 @@ def imagenet_resnet(modules_per_section: Sequence[int], width_multiplier: int = 
   """
   widths = tuple(w * width_multiplier for w in (64, 128, 256, 512))
   return ResNet(modules_per_section=tuple(modules_per_section), widths=widths,
-                stem="imagenet", conv_padding=1, **kwargs)
+                stem="imagenet", **kwargs)
 
 
 MODELS: Dict[str, Callable[..., ResNet]] = {

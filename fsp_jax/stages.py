@@ -69,12 +69,17 @@ def scaled_schedule(schedule: ml_collections.ConfigDict, scale: float):
   out = ml_collections.ConfigDict(schedule.to_dict())
   out.num_steps = max(1, int(round(schedule.num_steps * scale)))
   out.boundaries = tuple(int(round(b * scale)) for b in schedule.boundaries)
+  if schedule.warmup_steps > 0:
+    out.warmup_steps = max(1, int(round(schedule.warmup_steps * scale)))
   return out
 
 
 def check_schedule(stage: Stage) -> None:
   """Fails (ValueError naming the field) where a stage's schedule cannot run."""
   s, field = stage.schedule, stage.schedule_field
+  if s.warmup_steps < 0:
+    raise ValueError(f"{field}.warmup_steps must be 0 (none) or positive; got "
+                     f"{s.warmup_steps} (--config.{field}.warmup_steps).")
   if len(s.learning_rates) != len(s.boundaries) + 1:
     raise ValueError(
         f"{field}: {len(s.learning_rates)} learning rates need "
@@ -98,7 +103,9 @@ def plan_stages(config) -> List[Stage]:
                      f"{METHODS}.")
   student = scaled_schedule(config.student.schedule, scale)
   stages = []
-  if not config.teacher.checkpoint:
+  # A config of baselines only (methods=()) reads no teacher: none is trained for it.
+  needs_teacher = bool(config.methods) or config.teacher_only or not config.baselines
+  if not config.teacher.checkpoint and needs_teacher:
     stages.append(Stage("teacher", "classify", "teacher",
                         scaled_schedule(config.teacher.schedule, scale),
                         schedule_field="teacher.schedule"))
@@ -356,12 +363,18 @@ def abstract_variables(exp: Experiment, role: str):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.replicated), shapes)
 
 
+def seeds_of(config, stage: Stage) -> List[int]:
+  """The seeds a stage trains: `config.seed` for the teacher and for a stage 1 shared
+  by every seed (`fsp.shared`), `seed .. seed + N - 1` (`config.num_seeds`) for every
+  other stage after the teacher, in one program."""
+  if stage.name == "teacher" or (stage.kind == "fsp" and config.fsp.shared):
+    return [config.seed]
+  return list(range(config.seed, config.seed + config.num_seeds))
+
+
 def stage_seeds(exp: Experiment, stage: Stage) -> List[int]:
-  """The seeds a stage trains: `config.seed` for the teacher, `seed .. seed + N - 1`
-  (`config.num_seeds`) for every stage after it, in one program."""
-  if stage.name == "teacher":
-    return [exp.config.seed]
-  return list(range(exp.config.seed, exp.config.seed + exp.config.num_seeds))
+  """`seeds_of` the experiment's config."""
+  return seeds_of(exp.config, stage)
 
 
 def input_pipeline(config, stage: Stage) -> str:
@@ -491,8 +504,8 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
          "seed": config.seed, "schedule": stage.schedule.to_dict(),
          "init_from": stage.init_from, "half_precision": bool(config.half_precision),
          **model_fingerprint(spec)}
-  if stage.name != "teacher" and config.num_seeds != 1:
-    out["num_seeds"] = config.num_seeds  # The checkpoints' leading seed axis.
+  if len(seeds_of(config, stage)) != 1:  # The checkpoints' leading seed axis.
+    out["num_seeds"] = len(seeds_of(config, stage))
   if stage.role == "teacher" and config.teacher.num_classes:
     out["num_classes"] = config.teacher.num_classes
   if stage.name == "teacher" and config.teacher.pretrained:
@@ -570,6 +583,9 @@ def check_settings(config, stages: List[Stage]) -> None:
             "; 2 keeps a fallback for a checkpoint that cannot be read")
   for field in ("eval_every", "eval_examples", "data.pad"):
     _at_least(config, field, 0)
+  if config.seed_axis not in ("auto", "vmap", "unrolled"):
+    raise ValueError(f"config.seed_axis={config.seed_axis!r} is unknown; use 'auto', "
+                     "'vmap' or 'unrolled' (--config.seed_axis).")
   if not config.schedule_scale > 0:
     raise ValueError(f"config.schedule_scale must be positive; got "
                      f"{config.schedule_scale!r} (--config.schedule_scale).")

@@ -63,12 +63,13 @@ class TrainState(train_state.TrainState):
     return self.params["distiller"]
 
 
-def create_learning_rate_fn(learning_rates: Sequence[float],
-                            boundaries: Sequence[int]) -> Callable[[jax.Array], jax.Array]:
+def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequence[int],
+                            warmup_steps: int = 0) -> Callable[[jax.Array], jax.Array]:
   """Piecewise-constant learning rate in iterations, as the paper states schedules.
 
   `learning_rates[k]` holds for `boundaries[k-1] <= step < boundaries[k]`; e.g.
-  (0.1, 0.01, 0.001) with boundaries (32000, 48000).
+  (0.1, 0.01, 0.001) with boundaries (32000, 48000). `warmup_steps` W > 0 multiplies
+  the first W steps' rates by (step + 1) / W (a linear warm-up; not in the paper).
   """
   if len(learning_rates) != len(boundaries) + 1:
     raise ValueError(f"{len(learning_rates)} learning rates need {len(learning_rates) - 1} "
@@ -77,7 +78,10 @@ def create_learning_rate_fn(learning_rates: Sequence[float],
   bounds = jnp.asarray(boundaries, jnp.int32)
 
   def schedule(step):
-    return values[jnp.sum(step >= bounds)]
+    lr = values[jnp.sum(step >= bounds)]
+    if warmup_steps > 0:
+      lr = lr * jnp.minimum(1.0, (step + 1) / warmup_steps)
+    return lr
   return schedule
 
 
@@ -203,14 +207,52 @@ def _jit_train_step(student, teacher, distiller, use_labels):
                  donate_argnums=0)
 
 
+SEED_AXES = ("auto", "vmap", "unrolled")
+
+
+def resolve_seed_axis(seed_axis: str) -> str:
+  """'vmap' or 'unrolled' for `config.seed_axis` ('auto': by backend, measured).
+
+  vmap turns each convolution of S seeds' weights into one grouped convolution,
+  which XLA:CPU runs 5-20x slower than S plain ones (docs/performance.md); unrolled
+  seeds are S copies of the one-seed program in one call. On GPU and TPU, 'auto'
+  takes vmap: one larger program to fill the chip.
+  """
+  if seed_axis not in SEED_AXES:
+    raise ValueError(f"config.seed_axis={seed_axis!r} is unknown; use one of "
+                     f"{', '.join(SEED_AXES)}.")
+  if seed_axis == "auto":
+    return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+  return seed_axis
+
+
+def over_seeds(fn, num_seeds: int, in_axes=0, seed_axis: str = "auto"):
+  """`fn` mapped over a leading seed axis of S = `num_seeds`, as `jax.vmap(fn,
+  in_axes)` computes it: by vmap, or (`seed_axis` 'unrolled') by calling `fn` once per
+  seed on that seed's slice and stacking the outputs, all in one traced program.
+  `in_axes`: 0 or None per positional argument (or one for all)."""
+  how = resolve_seed_axis(seed_axis)
+  if how == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def unrolled(*args):
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    outs = [fn(*(a if ax is None else jax.tree.map(lambda x: x[s], a)
+                 for a, ax in zip(args, axes))) for s in range(num_seeds)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return unrolled
+
+
 def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=None, *,
                 student: Network, teacher: Optional[Network] = None, distiller=None,
-                use_labels: bool = True, num_seeds: int = 1, device_batch=None):
+                use_labels: bool = True, num_seeds: int = 1, device_batch=None,
+                seed_axis: str = "auto"):
   """K training steps in one call (`lax.scan`), for one seed or several at once.
 
   With `num_seeds` > 1, every leaf of `state` has a leading seed axis and the seeds
-  train side by side (`vmap`): each its own weights and data, one shared frozen
-  teacher. Each step computes what `train_step` computes.
+  train side by side in the one program (`over_seeds`, by `seed_axis`): each its own
+  weights and data, one shared frozen teacher. Each step computes what `train_step`
+  computes.
 
   Args:
     state: a TrainState, `(S, ...)` leaves where there are S seeds.
@@ -234,23 +276,30 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
     return train_step(st, x, teacher_variables, student=student, teacher=teacher,
                       distiller=distiller, use_labels=use_labels)
   if num_seeds > 1:
-    one_step = jax.vmap(one_step)
-  # XLA:CPU runs these steps ~8x slower inside a rolled loop than unrolled (measured
-  # on a 2-core x86-64 CPU, docs/performance.md); elsewhere a rolled loop keeps
-  # compilation short for hundreds of steps per call.
-  unroll = jax.default_backend() == "cpu"
-  return jax.lax.scan(one_step, state, inputs, unroll=unroll)
+    one_step = over_seeds(one_step, num_seeds, seed_axis=seed_axis)
+  if jax.default_backend() != "cpu":  # A rolled loop: short compiles for long calls.
+    return jax.lax.scan(one_step, state, inputs)
+  # XLA:CPU runs these steps 8-15x slower inside a loop (a `scan`, even of length 1
+  # or with unroll=True, keeps one) than as straight-line code (measured on a 2-core
+  # x86-64 CPU, docs/performance.md): the K steps are traced one after the other.
+  num_steps = jax.tree.leaves(inputs)[0].shape[0]
+  step_metrics = []
+  for k in range(num_steps):
+    state, m = one_step(state, jax.tree.map(lambda x: x[k], inputs))
+    step_metrics.append(m)
+  return state, jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
 
 
 @functools.lru_cache(maxsize=None)
 def jit_train_steps(student: Network, teacher: Optional[Network] = None, distiller=None,
-                    use_labels: bool = True, num_seeds: int = 1, device_batch=None):
+                    use_labels: bool = True, num_seeds: int = 1, device_batch=None,
+                    seed_axis: str = "auto"):
   """`train_steps` as `(state, inputs, teacher_variables, train_data) -> (state,
   metrics)`, the state donated."""
   return jax.jit(functools.partial(
       train_steps, student=student, teacher=teacher, distiller=distiller,
-      use_labels=use_labels, num_seeds=num_seeds, device_batch=device_batch),
-      donate_argnums=0)
+      use_labels=use_labels, num_seeds=num_seeds, device_batch=device_batch,
+      seed_axis=seed_axis), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,11 +334,13 @@ def _accumulate(totals: Optional[Dict[str, np.ndarray]], batch_sums):
   return {k: totals[k] + np.asarray(v, np.float64) for k, v in batch_sums.items()}
 
 
-def eval_seeds_step(variables, batch, *, network: Network):
+def eval_seeds_step(variables, batch, *, network: Network, seed_axis: str = "auto"):
   """`eval_classify_step` of S seeds' variables `(S, ...)` at once: per-seed sums
   `(S,)` and `ensemble_correct`, the real examples the mean of the seeds' softmax
   outputs classifies correctly (the paper's ensemble)."""
-  logits = jax.vmap(lambda v: network.apply(v, batch["image"])[0])(variables)
+  num_seeds = jax.tree.leaves(variables)[0].shape[0]
+  logits = over_seeds(lambda v: network.apply(v, batch["image"])[0], num_seeds,
+                      seed_axis=seed_axis)(variables)
   mask = batch["mask"]
   losses = jax.vmap(lambda l: optax.softmax_cross_entropy_with_integer_labels(
       l, batch["label"]))(logits)
@@ -301,15 +352,17 @@ def eval_seeds_step(variables, batch, *, network: Network):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_eval_seeds(network: Network):
-  return jax.jit(functools.partial(eval_seeds_step, network=network))
+def _jit_eval_seeds(network: Network, seed_axis: str):
+  return jax.jit(functools.partial(eval_seeds_step, network=network,
+                                   seed_axis=seed_axis))
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_eval_distill_seeds(network: Network, teacher: Network, distiller):
-  return jax.jit(jax.vmap(functools.partial(
+def _jit_eval_distill_seeds(network: Network, teacher: Network, distiller,
+                            num_seeds: int, seed_axis: str):
+  return jax.jit(over_seeds(functools.partial(
       eval_distill_step, network=network, teacher=teacher, distiller=distiller),
-      in_axes=(0, 0, None, None)))
+      num_seeds, in_axes=(0, 0, None, None), seed_axis=seed_axis))
 
 
 def _seed_results(seeds, values: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -343,7 +396,8 @@ def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_p
   totals = None
   batches = data.eval_batches(images, labels, exp.mesh, bs)
   if stage.kind == "classify":
-    step = _jit_eval_seeds(network) if multi else _jit_eval_classify(network)
+    step = (_jit_eval_seeds(network, exp.config.seed_axis) if multi
+            else _jit_eval_classify(network))
     for batch in batches:
       totals = _accumulate(totals, step(variables, batch))
     if not multi:
@@ -355,7 +409,8 @@ def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_p
     return {**out, **subset}
   distiller = exp.distiller(stage)
   teacher = exp.networks["teacher"]
-  step = (_jit_eval_distill_seeds(network, teacher, distiller) if multi
+  step = (_jit_eval_distill_seeds(network, teacher, distiller, len(seeds),
+                                  exp.config.seed_axis) if multi
           else _jit_eval_distill(network, teacher, distiller))
   for batch in batches:
     totals = _accumulate(totals, step(variables, distiller_params or {},
@@ -448,12 +503,14 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
              stage.init_from)
   elif stage.name == "teacher" and cfg.teacher.pretrained:
     log.info("[%s] fine-tunes the weights of %s.", stage.name, cfg.teacher.pretrained)
-  lr_fn = create_learning_rate_fn(sched.learning_rates, sched.boundaries)
+  lr_fn = create_learning_rate_fn(sched.learning_rates, sched.boundaries,
+                                  sched.warmup_steps)
   tx = create_optimizer(lr_fn, sched.momentum, sched.weight_decay)
   distiller_params = stages.initial_distiller_params(exp, stage, distiller)
   seeds = stages.stage_seeds(exp, stage)
   create = lambda v, d: create_train_state(network, v, tx, d)  # noqa: E731
-  state = jax.jit(create if len(seeds) == 1 else jax.vmap(create),
+  state = jax.jit(create if len(seeds) == 1 else over_seeds(
+      create, len(seeds), seed_axis=cfg.seed_axis),
                   out_shardings=exp.replicated)(variables, distiller_params)
 
   mngr = checkpoints.manager(stage_dir, cfg.max_checkpoints_to_keep)
@@ -503,7 +560,7 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
         train_data = (jax.device_put(exp.dataset.train_images, exp.replicated),
                       jax.device_put(exp.dataset.train_labels, exp.replicated))
       steps_fn = jit_train_steps(network, teacher, distiller, use_labels, len(seeds),
-                                 device_batch)
+                                 device_batch, cfg.seed_axis)
       calls = data.train_calls(
           exp.dataset, exp.mesh, sched.batch_size, seeds,
           data.call_ranges(start, total, cfg.steps_per_call,

@@ -159,3 +159,37 @@ def test_network_normalises_uint8_images_itself():
   assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
   # Batch statistics differ from the running ones: the two modes differ.
   assert not np.allclose(logits_t, logits)
+
+
+@pytest.mark.parametrize("depth", [8, 26])
+def test_stride2_convolutions_are_centred_on_the_shortcuts_pixels(depth):
+  """The first 3x3 convolution of sections 2 and 3 pads (1, 1) (Caffe, PyTorch): with a
+  centre-tap identity kernel its output at (i, j) is its input at (2i, 2j), the pixel
+  the 1x1 stride-2 shortcut samples. "SAME" padding, (0, 1) here, gives (2i+1, 2j+1)."""
+  model = models.create_model(f"cifar_resnet{depth}", 10)
+  variables = init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+  params = jax.tree.map(lambda v: v, variables["params"])
+  for s in (2, 3):
+    module = dict(params[f"section{s}_module1"])
+    for name, centre in (("conv1", 1), ("shortcut_conv", 0)):
+      kernel = np.zeros(module[name]["kernel"].shape, np.float32)
+      cin = kernel.shape[2]
+      kernel[centre, centre, np.arange(cin), np.arange(cin)] = 1.0
+      module[name] = {"kernel": jnp.asarray(kernel)}
+    params[f"section{s}_module1"] = module
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  (_, feats), state = model.apply({**variables, "params": params}, x, train=False,
+                                  capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]
+  for s in (2, 3):
+    inputs = feats[f"section{s - 1}"]  # (B, H, W, C): the module's input.
+    cin = inputs.shape[-1]
+    module = inter[f"section{s}_module1"]
+    conv1 = module["conv1"]["__call__"][0][..., :cin]
+    shortcut = module["shortcut_conv"]["__call__"][0][..., :cin]
+    sampled = inputs[:, ::2, ::2, :]
+    assert conv1.shape == sampled.shape
+    np.testing.assert_allclose(shortcut, sampled, atol=1e-6)
+    np.testing.assert_allclose(conv1, sampled, atol=1e-6)
+    # One pixel off is far off (the test can fail).
+    assert float(jnp.abs(conv1 - inputs[:, 1::2, 1::2, :]).max()) > 0.1
