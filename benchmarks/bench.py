@@ -291,11 +291,10 @@ def run_loop(args) -> Dict:
 
   def calls(total, device):
     device_batch = (("augment", True), ("pad", 4), ("flip", False),
-                    ("crop_size", ())) if device else None
+                    ("crop_size", ()), ("mesh", mesh)) if device else None
     steps = train.jit_train_steps(net, None, None, True, len(seeds), device_batch,
                                   args.seed_axis)
-    train_data = ((jax.device_put(ds.train_images, replicated),
-                   jax.device_put(ds.train_labels, replicated)) if device else None)
+    train_data = data.device_train_data(ds, mesh) if device else None
     state = fresh_state()
     for _, _, inputs in data.train_calls(
         ds, mesh, args.batch_size, seeds,

@@ -117,7 +117,7 @@ def get_config(arg=None):
       pool="max",  # spatial mismatch: 'max' (paper) or 'avg'.
       # 'sum' of squared differences over each matrix's entries (Eq. 2, the paper) or
       # their 'mean' (PyTorch re-implementations; use LR ~0.05 with it). With 'sum',
-      # LR 1e-3 is at the edge of stability on CIFAR (docs/reproduction/findings.md).
+      # LR 1e-3 is at the edge of stability on CIFAR (docs/reproduction/weak_teacher/findings.md).
       reduction="sum",
       # Beyond the paper: learned 1x1 convolutions map the student's feature maps to
       # the teacher's channel counts, so teachers of other widths can be used.

@@ -50,7 +50,7 @@ def get_config(arg=None):
                                              batch_size=50)
   # Stage 1: 200 epochs of the same 500 images (no labels), with the element-mean loss
   # at LR 0.05, the setting that beat scratch in the CIFAR-10 ablations
-  # (docs/reproduction/findings.md); Eq. 2's sum at LR 1e-3 gave mixed results here.
+  # (docs/reproduction/weak_teacher/findings.md); Eq. 2's sum at LR 1e-3 gave mixed results here.
   config.fsp.reduction = "mean"
   config.fsp.schedule = default.schedule(2000, (0.05, 0.005, 0.0005), (1000, 1500),
                                          batch_size=50)

@@ -60,7 +60,7 @@ def base_config(args):
   s = args.steps
   config.student.schedule = default.schedule(
       s, (0.1, 0.01), (2 * s // 3,), batch_size=args.batch_size)
-  config.fsp.reduction = "mean"  # docs/reproduction/findings.md: LR 0.02-0.05.
+  config.fsp.reduction = "mean"  # docs/reproduction/weak_teacher/findings.md: LR 0.02-0.05.
   config.fsp.schedule = default.schedule(args.stage1_steps, (args.stage1_lr,), (),
                                          batch_size=args.batch_size)
   config.methods = ("fsp",)

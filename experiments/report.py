@@ -171,7 +171,8 @@ def plot(workdir: str, runs, path: str) -> bool:
     ax.set_xlabel("iteration")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(loc="lower right")
   fig.tight_layout()
   if drawn:
     fig.savefig(path, dpi=110)

@@ -520,13 +520,57 @@ def device_random_resized_crop(images: jax.Array, key: jax.Array, size: Tuple[in
   return out
 
 
+def device_train_data(dataset: Dataset, mesh) -> Tuple[jax.Array, jax.Array]:
+  """The training set on the devices, sharded by examples over the mesh's 'data'
+  axis: images uint8 `(N', H, W, C)` and labels `(N',)`, N' = N rounded up to a
+  multiple of the devices (the zero rows added are never drawn). Each device holds
+  N'/D examples, so a data set D times one device's memory fits."""
+  n, n_dev = len(dataset.train_labels), mesh.devices.size
+  rows = -(-n // n_dev) * n_dev
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  def put(x):
+    if rows != n:
+      x = np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)])
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return put(dataset.train_images), put(dataset.train_labels)
+
+
+def take_rows(table: jax.Array, indices: jax.Array, mesh) -> jax.Array:
+  """`table[indices]` for a `table` `(N, ...)` sharded by rows over the mesh's 'data'
+  axis (`device_train_data`) and `indices` `(B,)`: `(B, ...)`, sharded along B.
+
+  The table never moves: each device gathers the rows of the batch it holds (zeros
+  for the others), and one reduce-scatter over the batch hands every device its
+  slice of it.
+  """
+  rows = table.shape[0] // mesh.shape["data"]
+  spec = jax.sharding.PartitionSpec
+
+  def local(part, idx):
+    lo = jax.lax.axis_index("data") * rows
+    own = (idx >= lo) & (idx < lo + rows)
+    got = jnp.take(part, jnp.clip(idx - lo, 0, rows - 1), axis=0).astype(jnp.int32)
+    got = jnp.where(own.reshape(own.shape + (1,) * (got.ndim - 1)), got, 0)
+    return jax.lax.psum_scatter(got, "data", scatter_dimension=0, tiled=True)
+  out = jax.shard_map(local, mesh=mesh, in_specs=(spec("data"), spec()),
+                      out_specs=spec("data"))(table, indices)
+  return out.astype(table.dtype)
+
+
 def device_train_batch(images: jax.Array, labels: jax.Array, indices: jax.Array,
                        seed, step, *, augment: bool = True, pad: int = 4,
-                       flip: bool = False, crop_size=None):
+                       flip: bool = False, crop_size=None, mesh=None):
   """The training batch of `indices` `(B,)` from device-resident `images` uint8
   `(N, H, W, C)` and `labels` `(N,)`, augmented with `augment_key(seed, step)`.
-  Jittable; the images stay on the device."""
-  batch_images = jnp.take(images, indices, axis=0)
+  Jittable; the images stay on the device. With `mesh`, `images` and `labels` are
+  sharded over it by examples (`device_train_data`) and gathered by `take_rows`."""
+  if mesh is not None:
+    batch_images, batch_labels = (take_rows(images, indices, mesh),
+                                  take_rows(labels, indices, mesh))
+  else:
+    batch_images = jnp.take(images, indices, axis=0)
+    batch_labels = jnp.take(labels, indices, axis=0)
   key = augment_key(seed, step)
   if crop_size and augment:
     batch_images = device_random_resized_crop(batch_images, key, tuple(crop_size),
@@ -537,7 +581,7 @@ def device_train_batch(images: jax.Array, labels: jax.Array, indices: jax.Array,
     batch_images = batch_images[:, top:top + crop_size[0], left:left + crop_size[1]]
   elif augment:
     batch_images = device_pad_crop_flip(batch_images, key, pad=pad, flip=flip)
-  return {"image": batch_images, "label": jnp.take(labels, indices, axis=0)}
+  return {"image": batch_images, "label": batch_labels}
 
 
 def train_batch_indices(num_examples: int, batch_size: int, seed: int,

@@ -243,10 +243,18 @@ def over_seeds(fn, num_seeds: int, in_axes=0, seed_axis: str = "auto"):
   return unrolled
 
 
+def rolled_loop() -> bool:
+  """Whether a call's K steps run in a `lax.scan` loop (GPU, TPU) or one after the
+  other as straight-line code (CPU): XLA:CPU runs these steps 8-15x slower inside a
+  loop, even a scan of length 1 or with unroll=True (measured on a 2-core x86-64 CPU,
+  docs/performance.md)."""
+  return jax.default_backend() != "cpu"
+
+
 def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=None, *,
                 student: Network, teacher: Optional[Network] = None, distiller=None,
                 use_labels: bool = True, num_seeds: int = 1, device_batch=None,
-                seed_axis: str = "auto"):
+                seed_axis: str = "auto", rolled: Optional[bool] = None):
   """K training steps in one call (`lax.scan`), for one seed or several at once.
 
   With `num_seeds` > 1, every leaf of `state` has a leading seed axis and the seeds
@@ -264,6 +272,8 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
       `device_batch`.
     device_batch: `data.device_train_batch` keyword arguments as a tuple of pairs, or
       None (host batches).
+    rolled: the K steps in a `lax.scan` loop, or traced one after the other; None:
+      `rolled_loop()`, by backend.
 
   Returns:
     `(state, metrics)`, each metric `(K, [S])`.
@@ -277,11 +287,8 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
                       distiller=distiller, use_labels=use_labels)
   if num_seeds > 1:
     one_step = over_seeds(one_step, num_seeds, seed_axis=seed_axis)
-  if jax.default_backend() != "cpu":  # A rolled loop: short compiles for long calls.
+  if rolled_loop() if rolled is None else rolled:  # Short compiles for long calls.
     return jax.lax.scan(one_step, state, inputs)
-  # XLA:CPU runs these steps 8-15x slower inside a loop (a `scan`, even of length 1
-  # or with unroll=True, keeps one) than as straight-line code (measured on a 2-core
-  # x86-64 CPU, docs/performance.md): the K steps are traced one after the other.
   num_steps = jax.tree.leaves(inputs)[0].shape[0]
   step_metrics = []
   for k in range(num_steps):
@@ -290,16 +297,22 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
   return state, jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
 
 
-@functools.lru_cache(maxsize=None)
 def jit_train_steps(student: Network, teacher: Optional[Network] = None, distiller=None,
                     use_labels: bool = True, num_seeds: int = 1, device_batch=None,
                     seed_axis: str = "auto"):
   """`train_steps` as `(state, inputs, teacher_variables, train_data) -> (state,
   metrics)`, the state donated."""
+  return _jit_train_steps(student, teacher, distiller, use_labels, num_seeds,
+                          device_batch, resolve_seed_axis(seed_axis), rolled_loop())
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_train_steps(student, teacher, distiller, use_labels, num_seeds, device_batch,
+                     seed_axis, rolled):
   return jax.jit(functools.partial(
       train_steps, student=student, teacher=teacher, distiller=distiller,
       use_labels=use_labels, num_seeds=num_seeds, device_batch=device_batch,
-      seed_axis=seed_axis), donate_argnums=0)
+      seed_axis=seed_axis, rolled=rolled), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -554,11 +567,12 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
       device_batch = None
       train_data = None
       if pipeline == "device":
+        # The training set sharded over the mesh by examples, batches gathered from it.
         device_batch = (("augment", bool(sched.augment)), ("pad", int(cfg.data.pad)),
                         ("flip", bool(cfg.data.flip)),
-                        ("crop_size", tuple(exp.dataset.crop_size or ())))
-        train_data = (jax.device_put(exp.dataset.train_images, exp.replicated),
-                      jax.device_put(exp.dataset.train_labels, exp.replicated))
+                        ("crop_size", tuple(exp.dataset.crop_size or ())),
+                        ("mesh", exp.mesh))
+        train_data = data.device_train_data(exp.dataset, exp.mesh)
       steps_fn = jit_train_steps(network, teacher, distiller, use_labels, len(seeds),
                                  device_batch, cfg.seed_axis)
       calls = data.train_calls(

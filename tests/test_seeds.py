@@ -75,6 +75,23 @@ def test_k_steps_per_call_equal_k_single_steps(tmp_path):
           final_model(tmp_path / "one" / name, exp, role))
 
 
+def test_accelerator_loop_equals_the_cpu_loop(tmp_path, monkeypatch):
+  """What GPUs and TPUs run (K steps in a lax.scan, seeds by vmap, the training set
+  sharded over the devices) trains as the CPU's straight-line, unrolled steps do."""
+  config = smoke(**{"data.pipeline": "device", "steps_per_call": 2, "num_seeds": 2})
+  cpu = train.run(config, str(tmp_path / "cpu"))
+  monkeypatch.setattr(train, "rolled_loop", lambda: True)
+  accel = train.run(smoke(**{"data.pipeline": "device", "steps_per_call": 2,
+                             "num_seeds": 2, "seed_axis": "vmap"}),
+                    str(tmp_path / "accel"))
+  for name in ("fsp", "student"):
+    np.testing.assert_allclose(losses(tmp_path / "accel" / name),
+                               losses(tmp_path / "cpu" / name), rtol=1e-3)
+  np.testing.assert_allclose(
+      [s["test_accuracy"] for s in accel["student"]["per_seed"]],
+      [s["test_accuracy"] for s in cpu["student"]["per_seed"]], atol=0.02)
+
+
 def test_seed_of_a_several_seed_run_equals_its_one_seed_run(tmp_path):
   teacher_run = train.run(smoke(teacher_only=True), str(tmp_path / "teacher"))
   assert teacher_run["teacher"]["test_accuracy"] > 0
@@ -209,3 +226,26 @@ def test_several_seeds_resume_after_sigkill_equals_uninterrupted(tmp_path, cli_e
       assert got[name].get(key) == want[name].get(key), (name, key)
     assert got[name].get("per_seed") == want[name].get("per_seed")
     assert losses(tmp_path / "run" / name) == losses(tmp_path / "clean" / name)
+
+
+def test_sharded_training_set_gives_the_replicated_batches():
+  """The device pipeline's training set is sharded over the mesh by examples (each
+  device a quarter of it here); its batches equal gathering from a replicated copy."""
+  ds = data.load_digits(8)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  images, labels = data.device_train_data(ds, mesh)
+  n_dev = len(jax.devices())
+  assert images.shape[0] % n_dev == 0 and images.shape[0] - len(ds.train_labels) < n_dev
+  assert {s.data.shape[0] for s in images.addressable_shards} == {
+      images.shape[0] // n_dev}
+  idx = data.train_batch_indices(len(ds.train_labels), 32, 5, 7)
+  idx = jax.device_put(idx.astype(np.int32), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  sharded = jax.jit(lambda im, lb, i: data.device_train_batch(
+      im, lb, i, 5, 7, pad=1, flip=True, mesh=mesh))(images, labels, idx)
+  replicated = jax.jit(lambda im, lb, i: data.device_train_batch(
+      im, lb, i, 5, 7, pad=1, flip=True))(jnp.asarray(ds.train_images),
+                                          jnp.asarray(ds.train_labels), idx)
+  np.testing.assert_array_equal(sharded["image"], replicated["image"])
+  np.testing.assert_array_equal(sharded["label"], ds.train_labels[np.asarray(idx)])
+  assert sharded["image"].sharding.spec[0] == "data"

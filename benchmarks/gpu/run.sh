@@ -63,6 +63,11 @@ stage "bench float32"
 stage "bench bfloat16"
 "$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp,teacher --half_precision \
     | tee "$OUT/bench_bf16.json"
+for axis in vmap unrolled; do
+  stage "bench 3 seeds in one program, seed_axis=$axis"
+  "$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp --num_seeds 3 \
+      --seed_axis "$axis" | tee "$OUT/bench_seeds_$axis.json"
+done
 stage "bench loops: host pipeline 1 step/call vs K=$K steps/call, 3 seeds"
 "$PY" "$REPO"/benchmarks/bench.py --loop "${LOOP[@]}" --steps_per_call "$K" --num_seeds 3 \
     | tee "$OUT/bench_loop.json"
@@ -82,7 +87,8 @@ left=$(( BUDGET_S - ($(date +%s) - START) ))
 if [ "$left" -gt 240 ] || [ "$DRY_RUN" = 1 ]; then
   stage "Table 1 at scale $SCALE (the Table 3 teacher; ResNet-26 students, one shared stage 1)"
   "$PY" -m fsp_jax.main --config cifar10_fast_optimization --workdir "$OUT/table1" \
-      "${common[@]}" --config.teacher.checkpoint="$OUT/table3/teacher" || true
+      "${common[@]}" --config.teacher.checkpoint="$OUT/table3/teacher" \
+      --config.fsp.shared=True || true
 else
   echo "== Table 1 skipped: ${left} s left of the budget"
 fi

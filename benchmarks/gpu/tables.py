@@ -31,7 +31,9 @@ def _json_lines(path):
 def bench_table(out_dir):
   rows = ["| run | step | images/s | TFLOP/s | share of peak |", "|---|---|---|---|---|"]
   for name, peak_key in (("bench_f32", "float32 (TF32 tensor cores)"),
-                         ("bench_bf16", "bfloat16")):
+                         ("bench_bf16", "bfloat16"),
+                         ("bench_seeds_vmap", "float32 (TF32 tensor cores)"),
+                         ("bench_seeds_unrolled", "float32 (TF32 tensor cores)")):
     for r in _json_lines(os.path.join(out_dir, name + ".json")):
       for step in ("main", "fsp", "teacher"):
         ips = r.get(f"{step}_images_per_s")
@@ -42,8 +44,9 @@ def bench_table(out_dir):
             if gflop else None
         tflops = ips * per_image / 1e3 if per_image else None
         share = f"{100 * tflops / PEAK_TFLOPS[peak_key]:.2f} %" if tflops else "-"
-        label = (f"jax {name[6:]}, {r['steps_per_call']} steps/call, "
-                 f"{r['num_seeds']} seeds")
+        label = (f"jax {'float32' if 'seeds' in name else name[6:]}, "
+                 f"{r['steps_per_call']} steps/call, {r['num_seeds']} seeds"
+                 + (f" ({r['seed_axis']})" if r.get("num_seeds", 1) > 1 else ""))
         rows.append(f"| {label} | {step} | {ips:,.0f} | "
                     f"{tflops:.3g} | {share} |" if tflops else
                     f"| {label} | {step} | {ips:,.0f} | - | - |")
