@@ -19,13 +19,16 @@ matrix per section (4 pairs). Not in the paper, our choices: batch 64, the teach
 fine-tuned 10x lower (0.01/0.001/0.0001, same steps), stage 1 with the CIFAR stage-1
 learning rates over 30k, FitNet's hint at the end of section 2. `:method=fsp` or
 `:method=fitnet` runs one of the two methods (and no baseline).
+
+Stage 1 warms its learning rate up over its first 5 % (default.STAGE1_WARMUP);
+`:exact` runs the paper's stage 1 exactly as written.
 """
 from fsp_jax.config_lib import parse_arg
 from fsp_jax.configs import default
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, method="", smoke=False)
+  arg = parse_arg(arg, method="", smoke=False, exact=False)
   config = default.get_config()
   config.data.source = "tfds"
   config.data.name = "caltech_birds2011"

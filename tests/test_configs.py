@@ -90,6 +90,21 @@ def test_paper_hyperparameters():
   assert by_name["teacher"].schedule.num_steps == 640
   assert by_name["teacher"].schedule.boundaries == (320, 480)
   assert len(scaled) == 4
+  # The one change to the paper: stage 1 warms up over its first 5 %, scaled along.
+  assert c.fsp.schedule.warmup_steps == 1050
+  assert by_name["fsp"].schedule.warmup_steps == 10
+  assert by_name["student"].schedule.warmup_steps == 0
+
+
+@pytest.mark.parametrize("name", ["cifar10_fast_optimization", "cifar10_minimization",
+                                  "cifar100_fast_optimization", "cifar100_minimization",
+                                  "cub200_transfer"])
+def test_paper_configs_warm_stage1_up_unless_exact(name):
+  warm, exact = config_lib.load(name), config_lib.load(name + ":exact")
+  assert warm.fsp.schedule.warmup_steps == round(0.05 * warm.fsp.schedule.num_steps) > 0
+  assert exact.fsp.schedule.warmup_steps == 0
+  warm.fsp.schedule.warmup_steps = 0
+  assert warm.to_dict() == exact.to_dict()  # Nothing else differs.
 
 
 def test_fitnet_and_transfer_hyperparameters():

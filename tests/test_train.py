@@ -45,6 +45,12 @@ def test_learning_rate_schedule_is_piecewise_in_iterations():
     train.create_learning_rate_fn((0.1, 0.01), ())
 
 
+def test_warmup_rises_linearly_then_follows_the_schedule():
+  fn = train.create_learning_rate_fn((1e-3, 1e-4), (110,), warmup_steps=10)
+  got = [float(fn(s)) for s in (0, 4, 9, 10, 109, 110)]
+  np.testing.assert_allclose(got, [1e-4, 5e-4, 1e-3, 1e-3, 1e-3, 1e-4], rtol=1e-6)
+
+
 def _sgd_reference(w0, grad_fn, lrs, mu, wd, variant="pytorch"):
   """NumPy SGD, float64, over len(lrs) steps. 'pytorch' is torch.optim.SGD(momentum=mu,
   weight_decay=wd, dampening=0, nesterov=False): g' = g + wd w; v = mu v + g';
