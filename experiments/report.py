@@ -195,7 +195,8 @@ def write(args, command: str) -> str:
   gains = {"table3_student_vs_scratch": gain(runs, "t3_student", "t3_scratch"),
            "table1_student_vs_teacher_short": gain(runs, "t1_student", "t1_short")}
   with open(os.path.join(args.report_dir, "results.json"), "w") as f:
-    json.dump({"scale": args.scale, "seeds": args.seeds, "command": command,
+    json.dump({"scale": args.scale, "teacher_scale": args.teacher_scale,
+               "seeds": args.seeds, "command": command,
                "elapsed": elapsed, "stage_wall_time_s": round(stage_wall, 1),
                "gains": gains, "runs": runs}, f, indent=1)
   drawn = plot(workdir, runs, os.path.join(args.report_dir, "accuracy_vs_iteration.png"))
@@ -205,6 +206,8 @@ def write(args, command: str) -> str:
   lines = [
       "# Reproduction of Tables 1 and 3 (CIFAR-10, scaled)", "",
       f"Scale **{args.scale}** on every iteration count, learning-rate drop and warm-up of "
+      + (f"the teacher's schedule at **{args.teacher_scale}**, " if
+         args.teacher_scale != args.scale else "") +
       f"the shipped configs (the paper's schedules; stage 1 "
       f"{'exactly as the paper' if args.exact else 'with its learning rate warmed up over the first 5 %'}). "
       f"Seeds {', '.join(map(str, args.seeds))}, trained side by side in one program per "

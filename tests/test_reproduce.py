@@ -49,6 +49,10 @@ def test_grid_scales_the_papers_schedules_by_one_factor(tmp_path):
   assert plan["table1"].config.student.model == "cifar_resnet26"
   assert plan["table3"].config.student.model == "cifar_resnet8"
   assert _plan(tmp_path, "--exact")["table3"].config.fsp.schedule.warmup_steps == 0
+  # A teacher trained longer than the tables' runs, which keep --scale.
+  longer = _plan(tmp_path, "--teacher_scale", "0.02")
+  assert _stages(longer["teacher"])["teacher"].schedule.num_steps == 1280
+  assert _stages(longer["table3"])["student"].schedule.num_steps == 640
 
 
 def test_seeds_share_one_program_table1_shares_stage1_and_baselines_need_no_teacher(
