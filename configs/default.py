@@ -233,8 +233,9 @@ def apply_method(config, method: str):
 
 # The paper configs' one change to the paper: stage 1's learning rate warms up linearly
 # over its first 5 % of iterations (Eq. 2's sum and LR 1e-3 otherwise as written). The
-# paper's stage 1 sits at the edge of stability: without it a ResNet-26 student can
-# diverge in its first iterations (docs/reproduction/). `:exact` drops the warm-up.
+# paper's stage 1 sits at the edge of stability: without it a ResNet-26 student diverged
+# at iteration 9 from a 77.67 % teacher, with it its loss halved in 200 iterations
+# (docs/reproduction.md). `:exact` drops the warm-up.
 STAGE1_WARMUP = 0.05
 
 

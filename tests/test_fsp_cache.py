@@ -42,19 +42,31 @@ def test_cached_teacher_matrices_give_the_recomputed_steps():
     runs.append((losses, jax.device_get(state.params)))
   (l_recomputed, p_recomputed), (l_cached, p_cached) = runs
   assert l_recomputed[0] > 0
-  np.testing.assert_allclose(l_cached, l_recomputed, rtol=1e-5)
+  # The first step's loss, from the same weights, differs only by the matrices'
+  # rounding; later steps amplify it (2e-5 by step 3). Matrices paired with the wrong
+  # examples would change the losses by O(1).
+  np.testing.assert_allclose(l_cached[0], l_recomputed[0], rtol=1e-5)
+  np.testing.assert_allclose(l_cached, l_recomputed, rtol=2e-4)
   # The cached matrices come from batches of 40, the recomputed ones of 32: float32
   # rounding differs, and Eq. 2's sum at initialisation (losses ~1e3) makes the first
-  # steps large and sensitive to it. So the updates must agree to 2 % of their size
-  # (an example's matrices paired with another example's would change them by O(1)).
+  # steps large and sensitive to it. So the updates must agree to 2 % of their size,
+  # over all weights and in each array whose update is not float noise (an input BN
+  # scale moves by 1e-5); an example's matrices paired with another example's would
+  # change them by O(1).
   initial = jax.device_get(train.create_train_state(
       student, student.init(jax.random.PRNGKey(0), (16, 16, 1)), tx).params)
   cached = jax.tree_util.tree_flatten_with_path(p_cached)[0]
-  for (path, a), b, w in zip(cached, jax.tree.leaves(p_recomputed),
-                             jax.tree.leaves(initial)):
-    update = np.abs(np.asarray(b) - np.asarray(w)).max()
-    assert np.all(np.abs(np.asarray(a) - np.asarray(b)) <= 0.02 * update + 1e-6), (
-        jax.tree_util.keystr(path))
+  leaves = [(jax.tree_util.keystr(path), np.asarray(a), np.asarray(b), np.asarray(w))
+            for (path, a), b, w in zip(cached, jax.tree.leaves(p_recomputed),
+                                       jax.tree.leaves(initial))]
+  diff = np.sqrt(sum(np.sum((a - b) ** 2) for _, a, b, _ in leaves))
+  total = np.sqrt(sum(np.sum((b - w) ** 2) for _, _, b, w in leaves))
+  assert total > 0 and diff <= 0.02 * total
+  largest = max(np.abs(b - w).max() for _, _, b, w in leaves)
+  for name, a, b, w in leaves:
+    update = np.abs(b - w).max()
+    if update > 0.01 * largest:
+      assert np.all(np.abs(a - b) <= 0.02 * update + 1e-6), name
 
 
 def tiny_config(augment=True):
