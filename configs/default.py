@@ -183,7 +183,7 @@ def get_config(arg=None):
   config.num_seeds = 1
   # How the seeds share the program: 'vmap' (one batched program), 'unrolled' (one
   # copy of the step per seed in the same call) or 'auto': unrolled on CPU, where
-  # vmap's grouped convolutions run 5-20x slower (docs/performance.md), vmap else.
+  # vmap's grouped convolutions run 4.6-5.7x slower (docs/performance.md), vmap else.
   # The same numbers either way, within float tolerance.
   config.seed_axis = "auto"
   return finish(config, arg)

@@ -363,6 +363,10 @@ def abstract_variables(exp: Experiment, role: str):
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.replicated), shapes)
 
 
+# config.seed_axis: how several seeds share one program (train.over_seeds).
+SEED_AXES = ("auto", "vmap", "unrolled")
+
+
 def seeds_of(config, stage: Stage) -> List[int]:
   """The seeds a stage trains: `config.seed` for the teacher and for a stage 1 shared
   by every seed (`fsp.shared`), `seed .. seed + N - 1` (`config.num_seeds`) for every
@@ -504,8 +508,9 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
          "seed": config.seed, "schedule": stage.schedule.to_dict(),
          "init_from": stage.init_from, "half_precision": bool(config.half_precision),
          **model_fingerprint(spec)}
-  if len(seeds_of(config, stage)) != 1:  # The checkpoints' leading seed axis.
-    out["num_seeds"] = len(seeds_of(config, stage))
+  num_seeds = len(seeds_of(config, stage))
+  if num_seeds != 1:  # The checkpoints' leading seed axis.
+    out["num_seeds"] = num_seeds
   if stage.role == "teacher" and config.teacher.num_classes:
     out["num_classes"] = config.teacher.num_classes
   if stage.name == "teacher" and config.teacher.pretrained:
@@ -583,9 +588,9 @@ def check_settings(config, stages: List[Stage]) -> None:
             "; 2 keeps a fallback for a checkpoint that cannot be read")
   for field in ("eval_every", "eval_examples", "data.pad"):
     _at_least(config, field, 0)
-  if config.seed_axis not in ("auto", "vmap", "unrolled"):
-    raise ValueError(f"config.seed_axis={config.seed_axis!r} is unknown; use 'auto', "
-                     "'vmap' or 'unrolled' (--config.seed_axis).")
+  if config.seed_axis not in SEED_AXES:
+    raise ValueError(f"config.seed_axis={config.seed_axis!r} is unknown; use one of "
+                     f"{', '.join(SEED_AXES)} (--config.seed_axis).")
   if not config.schedule_scale > 0:
     raise ValueError(f"config.schedule_scale must be positive; got "
                      f"{config.schedule_scale!r} (--config.schedule_scale).")

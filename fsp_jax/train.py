@@ -207,20 +207,17 @@ def _jit_train_step(student, teacher, distiller, use_labels):
                  donate_argnums=0)
 
 
-SEED_AXES = ("auto", "vmap", "unrolled")
-
-
 def resolve_seed_axis(seed_axis: str) -> str:
   """'vmap' or 'unrolled' for `config.seed_axis` ('auto': by backend, measured).
 
   vmap turns each convolution of S seeds' weights into one grouped convolution,
-  which XLA:CPU runs 5-20x slower than S plain ones (docs/performance.md); unrolled
+  which XLA:CPU runs 4.6-5.7x slower than S plain ones (docs/performance.md); unrolled
   seeds are S copies of the one-seed program in one call. On GPU and TPU, 'auto'
   takes vmap: one larger program to fill the chip.
   """
-  if seed_axis not in SEED_AXES:
+  if seed_axis not in stages.SEED_AXES:
     raise ValueError(f"config.seed_axis={seed_axis!r} is unknown; use one of "
-                     f"{', '.join(SEED_AXES)}.")
+                     f"{', '.join(stages.SEED_AXES)}.")
   if seed_axis == "auto":
     return "unrolled" if jax.default_backend() == "cpu" else "vmap"
   return seed_axis
