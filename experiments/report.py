@@ -48,7 +48,7 @@ def stage_result(runs, row: str) -> Optional[Dict[str, Any]]:
 
 
 def accuracies(result: Dict[str, Any]) -> List[float]:
-  """Per-seed final test accuracies (%), all 10,000 test images."""
+  """Per-seed final test accuracies (%), on the whole test set."""
   if "per_seed" in result:
     return [100 * s["test_accuracy"] for s in result["per_seed"]]
   return [100 * result["test_accuracy"]]
@@ -221,7 +221,7 @@ def write(args, command: str) -> str:
                  f"to {stage_wall / 60:.1f} min. {args.note}".rstrip())
     lines.append("")
   lines += [
-      "Accuracies are on all 10,000 test images at the final iteration, mean ± std "
+      "Accuracies are on the whole test set at the final iteration, mean ± std "
       "over seeds (ddof 1); *ensemble*: the mean of the seeds' softmax outputs; "
       "*best eval*: each seed's best evaluation, the final one included, averaged "
       "(RepDistiller-style; the evaluations before the last use a fixed subset of "

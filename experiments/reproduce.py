@@ -1,7 +1,7 @@
 """Reproduce the paper's CIFAR-10 Tables 1 and 3 at one scale, and write a report.
 
-    python experiments/reproduce.py --data_root /tmp/cifar10 --scale 0.04 --jobs 2 \
-        --workdir runs/reproduce --report_dir docs/reproduction
+    python experiments/reproduce.py --data_root /tmp/cifar10 --scale 0.03 \
+        --teacher_scale 0.05 --jobs 2 --workdir runs/reproduce --report_dir docs/reproduction
 
 Every schedule is the shipped config's (the paper's, stage 1 with its 5 % learning-rate
 warm-up unless --exact), its iterations, drops and warm-up multiplied by --scale (the
@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ log = logging.getLogger("fsp_jax")
 
 ELAPSED = "grid_elapsed.json"  # The last grid command's wall time, for the report.
 EXIT_DIVERGED = 3  # A worker's exit status for a run whose loss became NaN or inf.
+EXIT_PREEMPTED = 4  # A worker stopped by SIGTERM after saving a checkpoint.
 DIVERGED = "diverged.json"
 
 
@@ -186,6 +188,12 @@ def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0)
   os.makedirs(logs, exist_ok=True)
   slots = core_groups(args.jobs)
   pending, running, done, failed, error = list(plan), {}, set(), set(), None
+
+  def stop(signum, frame):  # SIGTERM of the grid: its workers save and stop too.
+    raise SystemExit(f"grid stopped by signal {signum}. Run the same command again to "
+                     "resume.")
+
+  previous = signal.signal(signal.SIGTERM, stop)
   try:
     while pending or running:
       for slot, cores in enumerate(slots):
@@ -223,7 +231,9 @@ def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0)
           failed.add(run.name)
           log.warning("=== %s diverged (see %s)", run.name, path)
         elif error is None:
-          error = f"grid run {run.name} failed (exit status {rc}); its log: {path}"
+          error = (f"grid run {run.name} was stopped (SIGTERM) after saving a checkpoint"
+                   if rc in (EXIT_PREEMPTED, -signal.SIGTERM) else
+                   f"grid run {run.name} failed (exit status {rc}); its log: {path}")
           log.error("=== %s; stopping the others (they save a checkpoint first).", error)
           for other in running.values():
             other[1].terminate()
@@ -233,6 +243,8 @@ def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0)
     for _, proc, _, _ in running.values():
       proc.wait()
     raise
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   if error:
     raise RuntimeError(error + ". Run the same command again to resume.")
 
@@ -243,7 +255,7 @@ def parse_args(argv):
                       help="CIFAR-10 image folder (ROOT/train/<class>, ROOT/test/<class>);"
                            " '' loads tfds cifar10; 'digits' the bundled digits (a dry "
                            "run of the grid)")
-  parser.add_argument("--scale", type=float, default=0.04,
+  parser.add_argument("--scale", type=float, default=0.03,
                       help="multiplies every iteration count, drop and warm-up")
   parser.add_argument("--teacher_scale", type=float, default=None,
                       help="the teacher's factor instead of --scale: a teacher trained "
@@ -308,7 +320,12 @@ def main(argv=None):
     if args.run not in plan:
       sys.exit(f"--run {args.run!r} is not a run of this grid; its runs: "
                f"{', '.join(plan)}.")
-    sys.exit(0 if run_one(args, plan[args.run]) else EXIT_DIVERGED)
+    from fsp_jax import guards
+    try:
+      sys.exit(0 if run_one(args, plan[args.run]) else EXIT_DIVERGED)
+    except guards.Preempted as e:  # Checkpoint saved: rerunning the grid resumes.
+      log.warning("=== %s stopped: %s", args.run, e)
+      sys.exit(EXIT_PREEMPTED)
   if not args.report_only:
     t0 = time.time()
     run_grid(args, [a for a in argv if a != "--report_only"])

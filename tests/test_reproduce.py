@@ -2,8 +2,11 @@
 its runner and its report, without training; a dry run of the whole grid is slow."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,6 +152,40 @@ def test_grid_skips_what_reads_a_diverged_run_and_stops_on_errors(monkeypatch, t
     reproduce.run_grid(args, [], command=command, poll_s=0.02)
   started = {n for k, n in _read_events(events) if k == "start"}
   assert "table1" not in started
+
+
+def test_a_preempted_worker_or_a_sigtermed_grid_stops_every_run_resumably(
+    monkeypatch, tmp_path):
+  runs = [("teacher", ()), ("short", ())]
+  args, command, _ = _fake_grid(monkeypatch, tmp_path, runs,
+                                {"teacher": reproduce.EXIT_PREEMPTED})
+  with pytest.raises(RuntimeError, match="teacher was stopped .SIGTERM. after saving a "
+                                         "checkpoint. Run the same command again"):
+    reproduce.run_grid(args, [], command=command, poll_s=0.02)
+  # SIGTERM of the grid's process: its workers (here: sleepers) are terminated and
+  # reaped, not left running without it.
+  procs = []
+
+  class Recorded(subprocess.Popen):
+    def __init__(self, *a, **k):
+      super().__init__(*a, **k)
+      procs.append(self)
+
+  monkeypatch.setattr(reproduce.subprocess, "Popen", Recorded)
+
+  def sigterm_once_both_started():
+    while len(procs) < 2:
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=sigterm_once_both_started, daemon=True).start()
+  sleeper = lambda argv, run: [sys.executable, "-c", "import time; time.sleep(60)"]  # noqa: E731
+  t0 = time.time()
+  with pytest.raises(SystemExit, match="grid stopped by signal"):
+    reproduce.run_grid(args, [], command=sleeper, poll_s=0.02)
+  assert time.time() - t0 < 30
+  assert len(procs) == 2 and all(p.returncode == -signal.SIGTERM for p in procs)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Restored.
 
 
 def test_workers_run_this_script_from_anywhere(tmp_path):
