@@ -124,7 +124,38 @@ def _gain_line(g, what: str) -> str:
           f"{'yes' if g['every_seed_ahead'] else 'no'}).")
 
 
-def stage1_lines(runs) -> List[str]:
+def kernel_growth(workdir: str, run: str, result) -> Optional[Dict[str, List[float]]]:
+  """How much a run's stage 1 grew the student's convolution kernels (norm after /
+  norm at initialization, per seed; experiments/kernel_norms.py); None where its
+  checkpoint cannot be read."""
+  import jax
+  try:
+    from experiments import kernel_norms
+  except ImportError:  # Run as experiments/reproduce.py: this folder is on sys.path.
+    import kernel_norms
+  from fsp_jax import models
+  stage_dir = os.path.join(workdir, run, "fsp")
+  try:
+    variables, _ = kernel_norms.read_final(stage_dir)
+    module = models.create_model(result["model"], 10)
+    initial = models.init_variables(module, jax.random.PRNGKey(0), (32, 32, 3))
+    return kernel_norms.kernel_norm_ratios(variables, initial)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"kernel norms of {stage_dir!r} not read: {e}")
+    return None
+
+
+def _growth(g) -> str:
+  if not g:
+    return ""
+  return (f"; convolution kernels' norm grew {', '.join(f'{x:.2f}' for x in g['all'])}x "
+          f"(stem {', '.join(f'{x:.1f}' for x in g['stem'])}x)")
+
+
+def stage1_lines(runs, workdir: Optional[str] = None) -> List[str]:
+  """The stage-1 lines of the report; with `workdir`, each with the growth of the
+  student's kernel norms during it (the mechanism behind a stage 2 that learns slowly:
+  docs/reproduction/weak_teacher/findings.md)."""
   out = []
   for table, run in (("Table 3", "table3"), ("Table 1", "table1")):
     r = runs.get(run, {}).get("fsp")
@@ -132,9 +163,10 @@ def stage1_lines(runs) -> List[str]:
       per = r.get("per_seed")
       loss = (", ".join(f"{s['test_fsp_loss']:.1f}" for s in per) if per
               else f"{r['test_fsp_loss']:.1f}")
-      out.append(f"- {table} stage 1 (warmed-up, shared: {'no' if per else 'yes'}): "
-                 f"test FSP loss {loss} after {r['steps']} iterations, "
-                 f"{r['wall_time_s'] / 60:.1f} min.")
+      g = kernel_growth(workdir, run, r) if workdir else None
+      out.append(f"- {table} stage 1 ({'one per seed' if per else 'shared by the seeds'}"
+                 f", warmed up): test FSP loss {loss} after {r['steps']} iterations, "
+                 f"{r['wall_time_s'] / 60:.1f} min{_growth(g)}.")
     exact = runs.get(f"stage1_exact_{run}")
     if exact is not None:
       if "diverged" in exact:
@@ -142,9 +174,10 @@ def stage1_lines(runs) -> List[str]:
                    f"**diverged**: {exact['diverged']}")
       elif "fsp" in exact:
         e = exact["fsp"]
+        g = kernel_growth(workdir, f"stage1_exact_{run}", e) if workdir else None
         out.append(f"- {table} stage 1 exactly as the paper (no warm-up, first seed): "
                    f"test FSP loss {e['test_fsp_loss']:.1f} after {e['steps']} "
-                   f"iterations.")
+                   f"iterations{_growth(g)}.")
   return out
 
 
@@ -246,7 +279,7 @@ def write(args, command: str) -> str:
            f"{p1['student']} (ens. {p1['student_ens']})"), "",
       _gain_line(gains["table1_student_vs_teacher_short"],
                  "FSP student vs the teacher architecture at the same iterations"), "",
-      "## Stage 1", ""] + stage1_lines(runs) + [""]
+      "## Stage 1", ""] + stage1_lines(runs, workdir) + [""]
   if drawn:
     lines += ["![accuracy against iteration, every seed](accuracy_vs_iteration.png)", ""]
   report = "\n".join(lines)

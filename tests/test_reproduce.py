@@ -262,6 +262,37 @@ def test_report_tables_gains_and_best_evaluations(tmp_path):
   assert (tmp_path / "r" / "accuracy_vs_iteration.png").exists()
 
 
+def test_kernel_norms_measure_and_undo_a_stage1s_growth(tmp_path):
+  import jax
+  from experiments import kernel_norms
+  from fsp_jax import checkpoints, models
+  module = models.create_model("cifar_resnet8", 10)
+  initial = models.init_variables(module, jax.random.PRNGKey(0), (32, 32, 3))
+  grown = jax.tree_util.tree_map_with_path(
+      lambda p, a: a * (3.0 if p[-1].key == "kernel" and a.ndim == 4 else 1.0), initial)
+  # Three seeds: the first grown 3x, the others 2x in the stem only.
+  stem = lambda p, a: a * (2.0 if p[1].key.startswith("stem") and a.ndim == 4 else 1.0)  # noqa: E731
+  seeds = jax.tree.map(lambda *a: np.stack(a), grown,
+                       jax.tree_util.tree_map_with_path(stem, initial),
+                       jax.tree_util.tree_map_with_path(stem, initial))
+  checkpoints.save_model(str(tmp_path / "fsp"), seeds, 630)
+  stored, step = kernel_norms.read_final(str(tmp_path / "fsp"))
+  assert step == 630
+  r = kernel_norms.kernel_norm_ratios(stored, initial)
+  np.testing.assert_allclose(r["section2"], [3.0, 1.0, 1.0], rtol=1e-5)
+  np.testing.assert_allclose(r["stem"], [3.0, 2.0, 2.0], rtol=1e-5)
+  assert 1.0 < r["all"][1] < 2.0 and r["all"][0] == pytest.approx(3.0, rel=1e-5)
+  back = kernel_norms.kernel_norm_ratios(kernel_norms.rescaled(stored, initial), initial)
+  for part in ("stem", "section1", "all"):
+    np.testing.assert_allclose(back[part], 1.0, rtol=1e-5)
+  one = jax.tree.map(lambda a: a[0], stored)  # One seed (a shared stage 1).
+  np.testing.assert_allclose(kernel_norms.kernel_norm_ratios(one, initial)["all"], [3.0],
+                             rtol=1e-5)
+  out = kernel_norms.rescaled(one, initial)
+  bn = lambda t: t["params"]["stem_bn"]["scale"] if "stem_bn" in t["params"] else 0  # noqa: E731
+  np.testing.assert_array_equal(bn(out), bn(one))  # Only the kernels change.
+
+
 @pytest.mark.slow
 def test_whole_grid_dry_run_on_digits(tmp_path):
   """The grid command end to end at a tiny scale on the bundled digits: every run,
