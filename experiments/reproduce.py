@@ -301,10 +301,10 @@ def command_line(argv: List[str]) -> str:
     if skip:
       skip = False
       continue
-    if a in ("--run",):
+    if a in ("--run", "--note"):
       skip = True
       continue
-    if a.startswith("--run=") or a == "--report_only":
+    if a.startswith(("--run=", "--note=")) or a == "--report_only":
       continue
     out.append(shlex.quote(a))
   return "python experiments/reproduce.py " + " ".join(out)

@@ -199,7 +199,8 @@ def test_workers_run_this_script_from_anywhere(tmp_path):
   assert out.returncode == 1, out.stderr
   assert "--run 'nope' is not a run of this grid; its runs: teacher, table3_scratch" in (
       out.stderr)
-  assert reproduce.command_line(["--scale", "0.04", "--run", "x", "--report_only"]) == (
+  assert reproduce.command_line(["--scale", "0.04", "--run", "x", "--report_only",
+                                 "--note", "shared machine", "--note=y"]) == (
       "python experiments/reproduce.py --scale 0.04")
 
 
