@@ -25,16 +25,11 @@ from typing import Dict, Tuple
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 
-def _flat(tree, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = np.asarray(v)
-  return out
+def _flat(tree) -> Dict[Tuple[str, ...], np.ndarray]:
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _section(path: Tuple[str, ...]) -> str:
