@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
+from fsp_jax.validation import ConfigError
+
 # Where Linen intermediates go (flax's collection name) and the NNX sow name.
 _LINEN_COLLECTION = "intermediates"
 _NNX_NAME = "fsp_jax_capture"
@@ -43,12 +45,12 @@ def first_output(out):
 
 def _check_layers(layers) -> Tuple[str, ...]:
   if isinstance(layers, str):
-    raise ValueError(f"layers={layers!r} is one string; give a sequence of layer paths, "
+    raise ConfigError(f"layers={layers!r} is one string; give a sequence of layer paths, "
                      f"e.g. ({layers!r},).")
   layers = tuple(layers)
   for name in layers:
     if not isinstance(name, str) or not name.strip("/"):
-      raise ValueError(f"layer {name!r} is not a layer path; give '/'-separated "
+      raise ConfigError(f"layer {name!r} is not a layer path; give '/'-separated "
                        "submodule names such as 'block2' or 'encoder/layer3'.")
   return tuple(name.strip("/") for name in layers)
 
@@ -199,7 +201,7 @@ def _nnx_apply(model: nnx.Module, inputs, layers, kwargs):
         node = node[part] if part in node else node[int(part)]
       features[name] = node[_NNX_NAME][-1]  # The last call's output.
     except (KeyError, ValueError, TypeError):
-      raise ValueError(f"layer {name!r} of {type(model).__name__} did not run in the "
+      raise ConfigError(f"layer {name!r} of {type(model).__name__} did not run in the "
                        "forward pass; name a layer that computes the model's output."
                        ) from None
   return out, features
@@ -271,12 +273,12 @@ def load_object(path: str, what: str = "model"):
   """
   module_name, sep, attr = str(path).partition(":")
   if not sep or not module_name or not attr:
-    raise ValueError(f"{what}={path!r} is not an import path; give PKG.MODULE:NAME, "
+    raise ConfigError(f"{what}={path!r} is not an import path; give PKG.MODULE:NAME, "
                      "e.g. 'examples.cnn_linen:SmallCNN'.")
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"{what}={path!r}: cannot import module {module_name!r} ({e}); "
+    raise ConfigError(f"{what}={path!r}: cannot import module {module_name!r} ({e}); "
                      "check the name and that its folder is on PYTHONPATH.") from None
   obj = module
   for part in attr.split("."):
@@ -284,7 +286,7 @@ def load_object(path: str, what: str = "model"):
       names = [n for n in dir(obj) if not n.startswith("_")]
       close = difflib.get_close_matches(part, names, n=3)
       hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
-      raise ValueError(f"{what}={path!r}: module {module_name!r} has no {attr!r}{hint}")
+      raise ConfigError(f"{what}={path!r}: module {module_name!r} has no {attr!r}{hint}")
     obj = getattr(obj, part)
   return obj
 

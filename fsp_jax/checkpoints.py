@@ -38,6 +38,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from fsp_jax.validation import ConfigError
+
 CHECKPOINT_DIR = "checkpoints"
 STAGE_INFO = "stage.json"
 ITEMS = ("model", "optimizer", "meta", "distiller")
@@ -49,7 +51,7 @@ _WRITE_TEXTS = ("No space left on device", "Disk quota exceeded", "Input/output 
                 "Read-only file system", "File too large")
 
 
-class CorruptCheckpoint(ValueError):
+class CorruptCheckpoint(ConfigError):
   """A checkpoint that cannot be read: truncated or damaged files, a missing item."""
 
 
@@ -190,8 +192,8 @@ def manager(stage_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   `wait_until_finished`).
   """
   if max_to_keep < 1:
-    raise ValueError(f"max_checkpoints_to_keep must be at least 1; got {max_to_keep} "
-                     "(--config.max_checkpoints_to_keep=2 keeps a fallback).")
+    raise ConfigError(f"max_checkpoints_to_keep must be at least 1; got {max_to_keep} "
+                     "(config.max_checkpoints_to_keep=2 keeps a fallback).")
   path = os.path.abspath(os.path.join(stage_dir, CHECKPOINT_DIR))
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          cleanup_tmp_directories=True)
@@ -263,7 +265,7 @@ def architecture_mismatch(expected, stored, what: str, path: str, step: int,
   want, got = _shapes(expected), _shapes(stored)
   if want == got:
     return None
-  prefix = f"--config.{section}." if section else "--config.<teacher|student>."
+  prefix = f"config.{section}." if section else "config.<teacher|student>."
   where = f"{what} {path!r} (step {step}) does not fit the configured architecture"
   diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
   if all("classifier" in k and k in want and k in got for k in diff):
@@ -272,7 +274,7 @@ def architecture_mismatch(expected, stored, what: str, path: str, step: int,
       fix = (f"a teacher trained on another task: set {prefix}num_classes={there}")
     else:
       fix = ("it was trained on another data set or choice of classes: use the "
-             "checkpoint's (--config.data.name, --config.data.classes)")
+             "checkpoint's (config.data.name, config.data.classes)")
     return f"{where}: its classifier has {there} classes, the configured {here}; {fix}."
   first = diff[0]
   detail = (f"{first} has shape {got[first]} there, {want[first]} here"
@@ -334,7 +336,7 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state, what: str = "")
   problem = architecture_mismatch(state.variables, _model_metadata(mngr, step, what, path),
                                   what, path, step)
   if problem:
-    raise ValueError(problem)
+    raise ConfigError(problem)
   items = dict(
       model=ocp.args.StandardRestore(_abstract(state.variables)),
       optimizer=ocp.args.StandardRestore(_abstract({"opt_state": state.opt_state,
@@ -541,7 +543,7 @@ def restore_model(path: str, variables, what: str = "checkpoint",
                                       _model_metadata(mngr, step, what, path), what,
                                       path, step, section or _section_of(what))
       if problem:
-        raise ValueError(problem)
+        raise ConfigError(problem)
       restored = _restore(mngr, step, ocp.args.Composite(
           model=ocp.args.StandardRestore(_abstract(variables))), what, path)
     except CorruptCheckpoint as e:
@@ -573,15 +575,15 @@ def _pretrained_mismatch(stored_shapes, variables, what: str, path: str) -> List
   reinitialised = []
   for key, shape in _shapes(variables).items():
     if key not in stored_shapes:
-      raise ValueError(f"{what} {path!r} has no {key}: it holds another architecture "
-                       "(--config.teacher.model, --config.teacher.width_multiplier).")
+      raise ConfigError(f"{what} {path!r} has no {key}: it holds another architecture "
+                       "(config.teacher.model, config.teacher.width_multiplier).")
     if tuple(stored_shapes[key]) != shape:
       if "classifier" in key:
         reinitialised.append(key)
         continue
-      raise ValueError(f"{what} {path!r}: {key} has shape {tuple(stored_shapes[key])}, "
+      raise ConfigError(f"{what} {path!r}: {key} has shape {tuple(stored_shapes[key])}, "
                        f"the configured architecture expects {shape} "
-                       "(--config.teacher.model, --config.teacher.width_multiplier).")
+                       "(config.teacher.model, config.teacher.width_multiplier).")
   return reinitialised
 
 

@@ -15,6 +15,8 @@ from typing import List, Optional, Tuple
 
 import ml_collections
 
+from fsp_jax.validation import ConfigError
+
 CONFIGS_PACKAGE = "fsp_jax.configs"
 
 
@@ -30,22 +32,22 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
     key, has_value, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r} in {arg!r}; this config takes "
+      raise ConfigError(f"unknown config argument {key!r} in {arg!r}; this config takes "
                        f"{', '.join(sorted(defaults))}.")
     kind = type(defaults[key])
     if kind is bool:
       if has_value and value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key} is a flag: give '{key}' or "
+        raise ConfigError(f"config argument {key} is a flag: give '{key}' or "
                          f"'{key}=false', not {item!r}.")
       out[key] = (not has_value) or value.lower() in ("true", "1")
     elif not has_value:
-      raise ValueError(f"config argument {key!r} needs a value, e.g. "
+      raise ConfigError(f"config argument {key!r} needs a value, e.g. "
                        f"'{key}={defaults[key]}'.")
     else:
       try:
         out[key] = kind(value)
       except ValueError:
-        raise ValueError(f"config argument {item!r}: {key} takes a {kind.__name__}."
+        raise ConfigError(f"config argument {item!r}: {key} takes a {kind.__name__}."
                          ) from None
   return out
 
@@ -73,7 +75,7 @@ def config_file(spec: str) -> str:
     found = importlib.util.find_spec(f"{CONFIGS_PACKAGE}.{name}") if name.isidentifier() \
         else None
     if found is None or found.origin is None:
-      raise ValueError(f"unknown config {name!r}; the shipped configs are "
+      raise ConfigError(f"unknown config {name!r}; the shipped configs are "
                        f"{', '.join(names())}; or give the path of a .py file.")
     path = found.origin
   return path if arg is None else f"{path}:{arg}"
@@ -83,7 +85,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   """The config `NAME[:ARG]` or `PATH[:ARG]`, e.g. `load('quickstart:smoke')`."""
   path, arg = split(config_file(spec))
   if not os.path.exists(path):
-    raise ValueError(f"config file {path} does not exist.")
+    raise ConfigError(f"config file {path} does not exist.")
   module_name = "fsp_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsp_jax.validation import ConfigError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -114,11 +116,11 @@ def load_tfds(name: str, data_dir: Optional[str] = None,
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises its own DatasetNotFoundError subclasses.
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f"unknown tensorflow-datasets data set {name!r} ({first_line[:200]}); "
+    raise ConfigError(f"unknown tensorflow-datasets data set {name!r} ({first_line[:200]}); "
                      "check the name with `tfds.list_builders()`.") from None
   features = builder.info.features
   if "image" not in features or "label" not in features:
-    raise ValueError(f"data set {name!r} has no 'image' and 'label' features; "
+    raise ConfigError(f"data set {name!r} has no 'image' and 'label' features; "
                      "fsp_jax trains image classifiers.")
   num_classes = features["label"].num_classes
   arrays = []
@@ -140,7 +142,7 @@ def _read_tfds_split(tfds, name, split, data_dir, image_size=None):
     try:
       import tensorflow  # noqa: F401
     except ImportError:
-      raise ValueError(
+      raise ConfigError(
           f"tensorflow-datasets {name!r} split {split!r} cannot be read ({e}). Prepare "
           f"it once as ArrayRecord: `pip install tensorflow && tfds build {name} "
           "--file_format=array_record`, or use an image folder (data.source='folder')."
@@ -159,7 +161,7 @@ def _read_tfds_split(tfds, name, split, data_dir, image_size=None):
     record = source[k] if k else first
     image = _resize(record["image"], image_size)
     if image.shape != shape:
-      raise ValueError(f"images of tfds {name!r} ({split}) differ in size ({shape} and "
+      raise ConfigError(f"images of tfds {name!r} ({split}) differ in size ({shape} and "
                        f"{image.shape}); set the data set's image_size to resize them.")
     images[k] = image
     labels[k] = record["label"]
@@ -175,7 +177,7 @@ def _decode_image(path: str, size: Optional[Tuple[int, int]]) -> np.ndarray:
         img = img.resize((size[1], size[0]), Image.BILINEAR)
       return np.asarray(img, np.uint8)
   except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"{path} is not a readable image ({e}); remove it from the image "
+    raise ConfigError(f"{path} is not a readable image ({e}); remove it from the image "
                      "folder or replace it.") from None
 
 
@@ -216,31 +218,31 @@ def _folder_cache_path(cache_dir: str, root: str, image_size, splits) -> str:
 
 def _load_image_folder(root, image_size, num_workers, cache_dir="") -> Dataset:
   if not os.path.isdir(root):
-    raise ValueError(f"image folder {root!r} does not exist; expected ROOT/train/<class>/ "
+    raise ConfigError(f"image folder {root!r} does not exist; expected ROOT/train/<class>/ "
                      "and ROOT/test/<class>/ sub-folders.")
   splits = {}
   for split in ("train", "test"):
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-      raise ValueError(f"image folder {root!r} has no {split!r} split: expected "
+      raise ConfigError(f"image folder {root!r} has no {split!r} split: expected "
                        f"{split_dir}/<class>/<image files>.")
     classes = sorted(d for d in os.listdir(split_dir)
                      if os.path.isdir(os.path.join(split_dir, d)))
     if not classes:
-      raise ValueError(f"{split_dir} has no class sub-folders; expected "
+      raise ConfigError(f"{split_dir} has no class sub-folders; expected "
                        f"{split_dir}/<class>/<image files>.")
     files, labels = [], []
     for label, cls in enumerate(classes):
       names = sorted(f for f in os.listdir(os.path.join(split_dir, cls))
                      if f.lower().endswith(IMAGE_EXTENSIONS))
       if not names:
-        raise ValueError(f"class folder {os.path.join(split_dir, cls)} holds no "
+        raise ConfigError(f"class folder {os.path.join(split_dir, cls)} holds no "
                          f"{'/'.join(IMAGE_EXTENSIONS)} image; remove it or add images.")
       files += [os.path.join(split_dir, cls, f) for f in names]
       labels += [label] * len(names)
     splits[split] = (classes, files, labels)
   if splits["train"][0] != splits["test"][0]:
-    raise ValueError(f"image folder {root!r}: train classes {splits['train'][0]} differ "
+    raise ConfigError(f"image folder {root!r}: train classes {splits['train'][0]} differ "
                      f"from test classes {splits['test'][0]}.")
   cache = cache_dir and _folder_cache_path(cache_dir, root, image_size, splits)
   if cache and os.path.exists(cache):
@@ -255,7 +257,7 @@ def _load_image_folder(root, image_size, num_workers, cache_dir="") -> Dataset:
                              chunksize=256))
       shapes = {im.shape for im in images}
       if len(shapes) > 1:
-        raise ValueError(f"images in {root}/{split} have different sizes {sorted(shapes)[:4]}"
+        raise ConfigError(f"images in {root}/{split} have different sizes {sorted(shapes)[:4]}"
                          "; set the data set's image_size to resize them.")
       arrays += [np.stack(images), np.asarray(labels)]
   if cache:  # Written whole, then renamed: a reader never sees half a file.
@@ -275,7 +277,7 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2) -> Dataset:
   train/test split is fixed (stratified by position within each class).
   """
   if image_size % 8:
-    raise ValueError(f"digits image_size must be a multiple of 8; got {image_size}.")
+    raise ConfigError(f"digits image_size must be a multiple of 8; got {image_size}.")
   pixels, labels = _sklearn_digits()
   images = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
   factor = image_size // 8
@@ -321,10 +323,10 @@ def load_dataset(config) -> Dataset:
   elif source == "digits":
     size = size or (16, 16)
     if size[0] != size[1]:
-      raise ValueError(f"digits images are square; got image_size {size}.")
+      raise ConfigError(f"digits images are square; got image_size {size}.")
     dataset = load_digits(size[0])
   else:
-    raise ValueError(f"unknown data source {source!r}; use 'tfds', 'folder' or 'digits'.")
+    raise ConfigError(f"unknown data source {source!r}; use 'tfds', 'folder' or 'digits'.")
   if config.get("classes") or config.get("train_per_class"):
     dataset = select(dataset, tuple(config.get("classes") or ()),
                      config.get("train_per_class") or 0)
@@ -349,7 +351,7 @@ def select(dataset: Dataset, classes: Sequence[int] = (),
   classes = tuple(classes) or tuple(range(dataset.num_classes))
   bad = [c for c in classes if not 0 <= c < dataset.num_classes]
   if bad or len(set(classes)) != len(classes):
-    raise ValueError(f"classes {classes} must be distinct indices in 0.."
+    raise ConfigError(f"classes {classes} must be distinct indices in 0.."
                      f"{dataset.num_classes - 1} of {dataset.name}.")
   arrays = []
   for images, labels, cap in ((dataset.train_images, dataset.train_labels,
@@ -359,7 +361,7 @@ def select(dataset: Dataset, classes: Sequence[int] = (),
     for c in classes:
       idx = np.flatnonzero(labels == c)
       if cap and len(idx) < cap:
-        raise ValueError(f"class {c} of {dataset.name} has {len(idx)} training "
+        raise ConfigError(f"class {c} of {dataset.name} has {len(idx)} training "
                          f"examples, fewer than train_per_class={cap}.")
       keep.append(idx[:cap] if cap else idx)
     keep = np.concatenate(keep)
@@ -374,7 +376,7 @@ def with_crop(dataset: Dataset, crop_size: Tuple[int, int]) -> Dataset:
   """`dataset` trained on random-resized crops of `crop_size`, tested on center crops."""
   h, w = dataset.test_images.shape[1:3]
   if crop_size[0] > h or crop_size[1] > w:
-    raise ValueError(f"crop_size {crop_size} exceeds the images' size {(h, w)}; set "
+    raise ConfigError(f"crop_size {crop_size} exceeds the images' size {(h, w)}; set "
                      "the data set's image_size to at least crop_size.")
   return dataclasses.replace(dataset, test_images=center_crop(dataset.test_images,
                                                               crop_size),
@@ -593,7 +595,7 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int,
   """
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} training "
+    raise ConfigError(f"batch_size {batch_size} exceeds the {num_examples} training "
                      "examples; lower batch_size.")
   epoch, k = divmod(step, steps_per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
@@ -686,7 +688,7 @@ def train_batches(dataset: Dataset, mesh, batch_size: int, seed: int, start_step
   """
   pcount, pindex = jax.process_count(), jax.process_index()
   if batch_size % (pcount * max(1, mesh.devices.size // pcount)):
-    raise ValueError(f"batch_size {batch_size} must be divisible by the number of "
+    raise ConfigError(f"batch_size {batch_size} must be divisible by the number of "
                      f"devices ({mesh.devices.size}).")
 
   def host_batches():
@@ -754,7 +756,7 @@ def train_calls(dataset: Dataset, mesh, batch_size: int, seeds: Sequence[int],
   """
   n_dev, pcount = mesh.devices.size, jax.process_count()
   if batch_size % n_dev:
-    raise ValueError(f"batch_size {batch_size} must be divisible by the number of "
+    raise ConfigError(f"batch_size {batch_size} must be divisible by the number of "
                      f"devices ({n_dev}).")
   multi = len(seeds) > 1
   seed_axes = (None,) if multi else ()
@@ -811,7 +813,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, mesh, batch_size: int):
   """
   pcount, pindex = jax.process_count(), jax.process_index()
   if batch_size % mesh.devices.size:
-    raise ValueError(f"eval batch_size {batch_size} must be divisible by the number of "
+    raise ConfigError(f"eval batch_size {batch_size} must be divisible by the number of "
                      f"devices ({mesh.devices.size}).")
   local = batch_size // pcount
   n = len(labels)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fsp_jax import fsp
+from fsp_jax.validation import ConfigError
 
 Params = Dict[str, Any]
 # Linear maps of post-ReLU features: unit gain, so adapted maps keep the input's scale.
@@ -40,7 +41,7 @@ _relu_init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 def _check_feature(name: str, features, what: str) -> None:
   if name not in features:
-    raise ValueError(f"{what} {name!r} is not a feature of the network; its features "
+    raise ConfigError(f"{what} {name!r} is not a feature of the network; its features "
                      f"are {tuple(sorted(features))}.")
 
 
@@ -70,11 +71,11 @@ class FSP:
 
   def __post_init__(self):
     if self.reduction not in fsp.REDUCTIONS:
-      raise ValueError(f"fsp.reduction={self.reduction!r} is not one of "
+      raise ConfigError(f"fsp.reduction={self.reduction!r} is not one of "
                        f"{fsp.REDUCTIONS}: 'sum' is the paper's Eq. 2, 'mean' the "
                        "re-implementations' scale.")
     if self.weights is not None and len(self.weights) != len(self.fsp_pairs):
-      raise ValueError(f"{len(self.weights)} FSP pair weights (fsp.weights) given for "
+      raise ConfigError(f"{len(self.weights)} FSP pair weights (fsp.weights) given for "
                        f"{len(self.fsp_pairs)} fsp_pairs; give one weight per pair.")
 
   @classmethod
@@ -191,7 +192,7 @@ class Hint:
     regressed = self.regress(params, features[self.guided_feature])
     hint, regressed = fsp.match_spatial(targets.astype(jnp.float32), regressed, self.pool)
     if hint.shape != regressed.shape:
-      raise ValueError(f"FitNet hint {hint.shape} and regressed guided layer "
+      raise ConfigError(f"FitNet hint {hint.shape} and regressed guided layer "
                        f"{regressed.shape} differ in shape; pick other fitnet.hint_feature / guided_feature layers.")
     return 0.5 * jnp.sum(jnp.square(jax.lax.stop_gradient(hint) - regressed),
                          axis=(1, 2, 3))
@@ -248,7 +249,7 @@ class KD:
     """`(B,)`: the weighted KL divergence of each example."""
     del params, features
     if targets.shape != logits.shape:
-      raise ValueError(f"KD needs teacher and student logits of one shape; got teacher "
+      raise ConfigError(f"KD needs teacher and student logits of one shape; got teacher "
                        f"{targets.shape} and student {logits.shape}: the two must "
                        "classify the same classes.")
     t = self.temperature
@@ -272,6 +273,6 @@ def build(name: str, config, feature_names: Sequence[str] = (), num_steps: int =
     num_steps: the stage's length (KD's weight schedule).
   """
   if name not in DISTILLERS:
-    raise ValueError(f"unknown distiller {name!r}; choose from {sorted(DISTILLERS)}.")
+    raise ConfigError(f"unknown distiller {name!r}; choose from {sorted(DISTILLERS)}.")
   cls = DISTILLERS[name]
   return cls.from_config(config[cls.config_section], feature_names, num_steps)

@@ -144,5 +144,5 @@ class NonFiniteGuard:
             else "no checkpoint was written")
     raise FloatingPointError(
         f"[{self.stage}] {what}; training stopped and {kept}. Lower the learning "
-        f"rate (--config.{self.lr_field}) and rerun with a new --workdir (or delete "
+        f"rate (config.{self.lr_field}) and rerun with a new --workdir (or delete "
         f"{self.stage_dir} to redo the stage).")

@@ -12,12 +12,14 @@ pods, SLURM and other clusters JAX detects), or with `--coordinator_address`,
 One run per workdir: a second run on a workdir in use stops at once (status 3, one
 line naming the run that holds it), or waits for it with `--wait_for_workdir`.
 
-Every failure is one line `fsp_jax: error: ...` on stderr, no traceback (`--debug`
-raises errors with their tracebacks instead, status 1). Exit status:
+Every setting is checked before JAX starts (`fsp_jax.validation`). What the user can
+fix is one line `fsp_jax: error: ...` on stderr, no traceback; anything else is a bug
+and shows its traceback (`--debug` shows tracebacks of every error). Exit status:
   0    done.
-  1    an unexpected error (a bug: rerun with --debug and report the traceback).
+  1    an unexpected error, with its traceback: a bug, please report it.
   2    bad input: a config, flag, data set or checkpoint to fix (the line names the
-       field); also a training stopped by a non-finite loss.
+       field, its value and what is allowed); also a missing file and a training
+       stopped by a non-finite loss.
   3    the workdir is in use by another run (rerun when it ends, or --wait_for_workdir).
   4    a write failed: full disk, quota, I/O error. Earlier checkpoints and
        results.json are intact; free space and run the same command to resume.
@@ -34,7 +36,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fsp_jax import config_lib
+from fsp_jax import config_lib, validation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/quickstart",
@@ -223,6 +225,12 @@ def _run(jax, train, metrics) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:  # Every setting, in seconds, before JAX starts.
+    validation.check_config(FLAGS.config)
+  except validation.ConfigError as e:
+    if FLAGS.debug:
+      raise
+    _fail(validation.flag_message(e))
   if not FLAGS.debug:
     _hide_tracebacks()
   # Imported after flags are parsed so that XLA_FLAGS etc. set by launchers apply.
@@ -238,20 +246,19 @@ def main(argv):
   except guards.Preempted as e:
     print(f"fsp_jax: {e} Run the same command to resume.", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
-  except Exception as e:  # pylint: disable=broad-except  (each kind: one line)
+  except (validation.ConfigError, workdir.WorkdirBusy, FileNotFoundError,
+          FloatingPointError, OSError) as e:  # The user's to fix: one line.
     if FLAGS.debug:
       raise
-    message = " ".join(str(e).split())  # One line, whatever the library wrote.
+    message = validation.flag_message(e)  # One line, with the flags' spelling.
     if isinstance(e, workdir.WorkdirBusy):
       _fail(message, EXIT_WORKDIR_BUSY)
     if isinstance(e, checkpoints.CheckpointWriteError):
       _fail(message, EXIT_WRITE_FAILED)
-    if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
+    if isinstance(e, (validation.ConfigError, FileNotFoundError, FloatingPointError)):
       _fail(message)
-    if isinstance(e, OSError):
-      _fail(_write_failed_message(e, checkpoints.WRITE_ERRNOS), EXIT_WRITE_FAILED)
-    _fail(f"unexpected {type(e).__name__}: {message[:500]} (a bug: rerun with --debug "
-          "for the traceback and report it)", EXIT_INTERNAL)
+    _fail(_write_failed_message(e, checkpoints.WRITE_ERRNOS), EXIT_WRITE_FAILED)
+  # Any other exception is a bug: Python prints its traceback, exit status 1.
   except KeyboardInterrupt:
     if FLAGS.debug:
       raise

@@ -29,6 +29,7 @@ from typing import Any, Dict, List
 import jax
 
 from fsp_jax import checkpoints
+from fsp_jax.validation import ConfigError
 
 JSONL = "metrics.jsonl"
 RESULTS = "results.json"
@@ -191,7 +192,7 @@ def read_results(workdir: str) -> Dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); delete it: finished stages are "
+    raise ConfigError(f"{path} is not valid JSON ({e}); delete it: finished stages are "
                      "then only evaluated again from their final checkpoints.") from None
 
 

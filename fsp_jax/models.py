@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fsp_jax import capture, fsp, layers
+from fsp_jax.validation import ConfigError
 
 ModuleDef = Any
 # MSRA initialisation (He et al.), as the paper states; fan_out as in torchvision.
@@ -141,7 +142,7 @@ class ResNet(nn.Module):
 def cifar_resnet(depth: int, width_multiplier: int = 1, **kwargs) -> ResNet:
   """The paper's CIFAR ResNet of depth 6n+2, widths (16, 32, 64) * width_multiplier."""
   if depth < 8 or (depth - 2) % 6:
-    raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, "
+    raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, "
                      f"56, 110, ...); got {depth}.")
   n = (depth - 2) // 6
   widths = tuple(w * width_multiplier for w in (16, 32, 64))
@@ -187,12 +188,12 @@ def create_model(name: str, num_classes: int, width_multiplier: int = 1,
   """
   if is_import_path(name):
     if width_multiplier != 1:
-      raise ValueError(f"width_multiplier={width_multiplier} applies to the package's "
+      raise ConfigError(f"width_multiplier={width_multiplier} applies to the package's "
                        f"presets only, not to the import-path model {name!r}; set it to "
                        "1 and give your model its widths.")
     return model_from_import_path(name, num_classes)
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}, or give "
+    raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}, or give "
                      "a model of your own by import path, PKG.MODULE:NAME.")
   return MODELS[name](width_multiplier=width_multiplier, num_classes=num_classes,
                       dtype=dtype)
@@ -208,22 +209,22 @@ def model_from_import_path(path: str, num_classes: int, what: str = "model"):
   if capture.takes_rngs(factory):
     return NnxModel(factory, num_classes)
   if isinstance(factory, (nn.Module, nnx.Module)):
-    raise ValueError(f"{what}={path!r} is a module instance; give its class or a "
+    raise ConfigError(f"{what}={path!r} is a module instance; give its class or a "
                      "factory, which fsp_jax calls with num_classes=.")
   if not callable(factory):
-    raise ValueError(f"{what}={path!r} is a {type(factory).__name__}, not a Linen or "
+    raise ConfigError(f"{what}={path!r} is a {type(factory).__name__}, not a Linen or "
                      "NNX module class or factory.")
   try:
     module = factory(num_classes=num_classes)
   except TypeError as e:
-    raise ValueError(f"{what}={path!r}: calling it with num_classes={num_classes} "
+    raise ConfigError(f"{what}={path!r}: calling it with num_classes={num_classes} "
                      f"failed ({e}); a model given by import path takes num_classes= "
                      "(and, for NNX, rngs=).") from None
   if isinstance(module, nnx.Module):
-    raise ValueError(f"{what}={path!r} returns an NNX module but takes no rngs=; give "
+    raise ConfigError(f"{what}={path!r} returns an NNX module but takes no rngs=; give "
                      "the NNX class, or a factory with an rngs parameter.")
   if not isinstance(module, nn.Module):
-    raise ValueError(f"{what}={path!r} returned a {type(module).__name__}, not a "
+    raise ConfigError(f"{what}={path!r} returned a {type(module).__name__}, not a "
                      "flax.linen.Module (or give an NNX module class).")
   return module
 
@@ -235,7 +236,7 @@ def init_variables(module: nn.Module, rng: jax.Array, image_shape) -> Dict[str, 
   variables = module.init(rng, dummy, train=False)
   extra = sorted(set(variables) - {"params", "batch_stats", "intermediates"})
   if extra:
-    raise ValueError(
+    raise ConfigError(
         f"{type(module).__name__} has variable collections {extra} besides 'params' and "
         "'batch_stats'; fsp_jax trains, checkpoints and hands over only those two.")
   return {"params": variables.get("params", {}),
@@ -247,14 +248,14 @@ def _nnx_graphdef(factory, num_classes: int):
   """The static structure of `factory(num_classes=, rngs=)`, built abstractly."""
   abstract = nnx.eval_shape(lambda: factory(num_classes=num_classes, rngs=nnx.Rngs(0)))
   if not isinstance(abstract, nnx.Module):
-    raise ValueError(f"{getattr(factory, '__name__', factory)!r} returned a "
+    raise ConfigError(f"{getattr(factory, '__name__', factory)!r} returned a "
                      f"{type(abstract).__name__}, not an nnx.Module.")
   graphdef, _, _, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
   others = [("/".join(map(str, path)), type(v).__name__)
             for path, v in nnx.to_flat_state(rest)]
   if others:
     where, kind = others[0]
-    raise ValueError(
+    raise ConfigError(
         f"{type(abstract).__name__} holds state other than nnx.Param and nnx.BatchStat "
         f"({kind} at {where!r}, {len(others)} in all); fsp_jax trains, checkpoints and "
         "hands over only those two: keep rngs for initialisation only (no stored RNG "
@@ -408,7 +409,7 @@ class Network:
       if f.ndim == 3:
         f = fsp.tokens_to_grid(f, tuple(self.token_grid) or None, self.drop_tokens)
       elif f.ndim != 4:
-        raise ValueError(
+        raise ConfigError(
             f"layer {name!r} outputs shape {tuple(f.shape)}; a feature must be a "
             "channels-last map (B, H, W, C) or a token map (B, N, C).")
       out[key] = f

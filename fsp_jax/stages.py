@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fsp_jax import checkpoints, data, distillers, models
+from fsp_jax import checkpoints, data, distillers, models, validation
+from fsp_jax.validation import ConfigError
 
-BASELINES = ("scratch", "teacher_short")
+BASELINES = validation.BASELINES
 # Distillation methods (config.methods) and the stages each runs.
 METHODS = ("fsp", "fitnet", "kd")
 ROLE_SEED = {"teacher": 0, "student": 1}
@@ -74,33 +75,10 @@ def scaled_schedule(schedule: ml_collections.ConfigDict, scale: float):
   return out
 
 
-def check_schedule(stage: Stage) -> None:
-  """Fails (ValueError naming the field) where a stage's schedule cannot run."""
-  s, field = stage.schedule, stage.schedule_field
-  if s.warmup_steps < 0:
-    raise ValueError(f"{field}.warmup_steps must be 0 (none) or positive; got "
-                     f"{s.warmup_steps} (--config.{field}.warmup_steps).")
-  if len(s.learning_rates) != len(s.boundaries) + 1:
-    raise ValueError(
-        f"{field}: {len(s.learning_rates)} learning rates need "
-        f"{len(s.learning_rates) - 1} boundaries; got {len(s.boundaries)} "
-        f"(--config.{field}.boundaries).")
-  if list(s.boundaries) != sorted(s.boundaries):
-    raise ValueError(f"{field}.boundaries {tuple(s.boundaries)} must increase.")
-  if s.batch_size <= 0:
-    raise ValueError(f"{field}.batch_size must be positive; got {s.batch_size}.")
-
-
 def plan_stages(config) -> List[Stage]:
   """The stages a config asks for, in the order they run."""
+  validation.check_config(config, METHODS)
   scale = config.schedule_scale
-  unknown = set(config.baselines) - set(BASELINES)
-  if unknown:
-    raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}.")
-  unknown = set(config.methods) - set(METHODS)
-  if unknown:
-    raise ValueError(f"unknown distillation methods {sorted(unknown)}; choose from "
-                     f"{METHODS}.")
   student = scaled_schedule(config.student.schedule, scale)
   stages = []
   # A config of baselines only (methods=()) reads no teacher: none is trained for it.
@@ -113,11 +91,11 @@ def plan_stages(config) -> List[Stage]:
     return stages
   if ("fsp" in config.methods and config.fsp.cache_teacher
       and config.fsp.schedule.augment and not config.fsp.checkpoint):
-    raise ValueError(
+    raise ConfigError(
         "config.fsp.cache_teacher=True needs un-augmented stage-1 inputs (the "
         "teacher's FSP matrices are cached per training example), but "
-        "fsp.schedule.augment is True. Set --config.fsp.schedule.augment=False (the "
-        "paper's CIFAR-100 setting) or --config.fsp.cache_teacher=False.")
+        "fsp.schedule.augment is True. Set config.fsp.schedule.augment=False (the "
+        "paper's CIFAR-100 setting) or config.fsp.cache_teacher=False.")
   if "fsp" in config.methods:
     stage_one = "fsp"
     if config.fsp.checkpoint:
@@ -194,10 +172,10 @@ def build_network(config, role: str, dataset: data.Dataset) -> models.Network:
   module = models.create_model(spec.model, num_classes, spec.width_multiplier, dtype)
   if (models.is_import_path(spec.model) and not spec.get("features", ())
       and uses_features(config)):
-    raise ValueError(
+    raise ConfigError(
         f"{role}.model={spec.model!r} is given by import path but names no features: "
         "give the layers whose outputs FSP/FitNet pair, in network order, e.g. "
-        f"--config.{role}.features=\"('stem','block1','block2','block3')\".")
+        f"config.{role}.features=\"('stem','block1','block2','block3')\".")
   keys = ()
   if role == "teacher":
     keys = _teacher_feature_keys(config, own_feature_names(config, "teacher"),
@@ -235,7 +213,7 @@ def _teacher_feature_keys(config, teacher_names, student_names):
     return ()  # The same names, or a side without features (its own check says so).
   if len(teacher_names) != len(student_names):
     if uses_features(config):
-      raise ValueError(
+      raise ConfigError(
           f"teacher features {tuple(teacher_names)} and student features "
           f"{tuple(student_names)} differ in number; FSP and FitNet pair them by "
           "position: name as many layers on each side (config teacher.features, "
@@ -255,9 +233,9 @@ def check_own_model(network: models.Network, image_shape, what: str) -> None:
     jax.eval_shape(lambda v, x: network.apply(v, x, train=True), variables, images)
   except Exception as e:  # pylint: disable=broad-except  (the user's code: any error)
     text = " ".join(str(e).split()) or type(e).__name__
-    raise ValueError(f"{what}: {text[:400]} (conventions: docs/own_models.md)") from None
+    raise ConfigError(f"{what}: {text[:400]} (conventions: docs/own_models.md)") from None
   if logits.shape != (2, network.num_classes):
-    raise ValueError(
+    raise ConfigError(
         f"{what} outputs logits of shape {tuple(logits.shape)} for 2 images, not (2, "
         f"{network.num_classes}): the model's output must be the logits (B, "
         "num_classes), or a tuple whose first element they are.")
@@ -293,16 +271,13 @@ def setup(config, workdir: str) -> Experiment:
   checkpoints given from elsewhere (read in full: a corrupt one is refused). Raises
   ValueError or FileNotFoundError naming what to change.
   """
-  stages = plan_stages(config)
-  for stage in stages:
-    check_schedule(stage)
-  check_settings(config, stages)
+  stages = plan_stages(config)  # Checks every setting first (fsp_jax.validation).
   dataset = data.load_dataset(config.data)
   networks = {role: build_network(config, role, dataset)
               for role in ("teacher", "student")}
   if (any(s.role == "teacher" for s in stages)
       and networks["teacher"].num_classes != dataset.num_classes):
-    raise ValueError(
+    raise ConfigError(
         f"teacher.num_classes={config.teacher.num_classes} differs from the data set's "
         f"{dataset.num_classes} classes, but this config trains the teacher on that "
         "data set: set teacher.num_classes only with a restored teacher "
@@ -351,7 +326,7 @@ def check_pairings(exp: Experiment) -> None:
       jax.eval_shape(lambda p, t, l, f: distiller.objective(p, t, l, f, 0), params,
                      targets, s_logits, s_feats)
     except (ValueError, TypeError, KeyError) as e:
-      raise ValueError(f"teacher {cfg.teacher.model} and student {cfg.student.model} "
+      raise ConfigError(f"teacher {cfg.teacher.model} and student {cfg.student.model} "
                        f"cannot be paired for stage {stage.name!r}: {e}") from None
 
 
@@ -364,7 +339,7 @@ def abstract_variables(exp: Experiment, role: str):
 
 
 # config.seed_axis: how several seeds share one program (train.over_seeds).
-SEED_AXES = ("auto", "vmap", "unrolled")
+SEED_AXES = validation.SEED_AXES
 
 
 def seeds_of(config, stage: Stage) -> List[int]:
@@ -387,7 +362,7 @@ def input_pipeline(config, stage: Stage) -> str:
   gathered on the host."""
   choice = config.data.pipeline
   if choice not in ("auto", "host", "device"):
-    raise ValueError(f"data.pipeline={choice!r} is not 'auto', 'host' or 'device'.")
+    raise ConfigError(f"data.pipeline={choice!r} is not 'auto', 'host' or 'device'.")
   if stage.kind == "fsp" and config.fsp.cache_teacher:
     return "host"
   if choice == "auto":
@@ -447,8 +422,8 @@ def initial_variables(exp: Experiment, stage: Stage):
                 else exp.stage_dir(stage.init_from))
     stored = checkpoint_seeds(init_dir)
     if stored not in (1, len(seeds)):
-      raise ValueError(f"stage-1 checkpoint {init_dir!r} holds {stored} seeds, this "
-                       f"stage trains {len(seeds)}: set --config.num_seeds={stored}, or "
+      raise ConfigError(f"stage-1 checkpoint {init_dir!r} holds {stored} seeds, this "
+                       f"stage trains {len(seeds)}: set config.num_seeds={stored}, or "
                        "give a one-seed stage 1 (shared by every seed).")
     abstract = abstract_variables(exp, stage.role)
     if stored > 1:
@@ -554,50 +529,17 @@ def check_stage_dir(exp: Experiment, stage: Stage) -> None:
     return  # Nothing to protect or resume; the stage starts over.
   info = checkpoints.read_stage_info(stage_dir)
   if info is None:
-    raise ValueError(
+    raise ConfigError(
         f"{stage_dir} holds checkpoints but no {checkpoints.STAGE_INFO}, so which "
         "experiment wrote them is unknown; use a new --workdir, or delete that "
         "directory to start the stage over.")
   stored = _without_eval_every(info.get("fingerprint"))
   expected = _without_eval_every(fingerprint(exp.config, stage, list(exp.stages)))
   if stored != expected:
-    raise ValueError(
+    raise ConfigError(
         f"{stage_dir} holds a different experiment's stage {stage.name!r} "
         f"({_first_difference(stored, expected)}); use a new --workdir, or delete "
         "that directory to start the stage over.")
-
-
-def _at_least(config, field: str, low, why: str = "") -> None:
-  """Fails (ValueError naming `--config.FIELD`) where `config.FIELD` < `low`."""
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
-    raise ValueError(f"config.{field} must be a number >= {low}; got {value!r}"
-                     f"{why} (--config.{field}).")
-
-
-def check_settings(config, stages: List[Stage]) -> None:
-  """Fails before anything runs where a run-wide setting would only fail once a stage
-  has trained (`done % log_every`, checkpoint housekeeping, evaluation sizes)."""
-  for field in ("log_every", "checkpoint_every", "eval_batch_size"):
-    _at_least(config, field, 1)
-  # >= 2 keeps the checkpoint before the newest: a stage whose newest cannot be read
-  # (truncated by a disk or a copy) resumes from it instead of starting over.
-  _at_least(config, "max_checkpoints_to_keep", 1,
-            "; 2 keeps a fallback for a checkpoint that cannot be read")
-  for field in ("eval_every", "eval_examples", "data.pad"):
-    _at_least(config, field, 0)
-  if config.seed_axis not in SEED_AXES:
-    raise ValueError(f"config.seed_axis={config.seed_axis!r} is unknown; use one of "
-                     f"{', '.join(SEED_AXES)} (--config.seed_axis).")
-  if not config.schedule_scale > 0:
-    raise ValueError(f"config.schedule_scale must be positive; got "
-                     f"{config.schedule_scale!r} (--config.schedule_scale).")
-  for stage in stages:
-    if stage.schedule.eval_every < -1:
-      raise ValueError(f"{stage.schedule_field}.eval_every must be -1 (the config's "
-                       f"eval_every), 0 or positive; got {stage.schedule.eval_every}.")
 
 
 def _multiple_near(value: int, k: int, at_most: int) -> int:
@@ -615,19 +557,19 @@ def check_batches(exp: Experiment) -> None:
   for stage in exp.stages:
     field, bs = f"{stage.schedule_field}.batch_size", stage.schedule.batch_size
     if bs > n_train:
-      raise ValueError(
+      raise ConfigError(
           f"{field}={bs} exceeds the {n_train} training examples of "
-          f"{exp.dataset.name}; set --config.{field} to at most {n_train} (stage "
+          f"{exp.dataset.name}; set config.{field} to at most {n_train} (stage "
           f"{stage.name!r}).")
     if bs % n_dev:
-      raise ValueError(
+      raise ConfigError(
           f"{field}={bs} is not divisible by the {n_dev} devices the batch is split "
-          f"over (stage {stage.name!r}); set --config.{field}="
+          f"over (stage {stage.name!r}); set config.{field}="
           f"{_multiple_near(bs, n_dev, n_train)}.")
   bs = exp.config.eval_batch_size
   if bs % n_dev:
-    raise ValueError(f"eval_batch_size={bs} is not divisible by the {n_dev} devices; "
-                     f"set --config.eval_batch_size={-(-bs // n_dev) * n_dev}.")
+    raise ConfigError(f"eval_batch_size={bs} is not divisible by the {n_dev} devices; "
+                     f"set config.eval_batch_size={-(-bs // n_dev) * n_dev}.")
 
 
 def teacher_cache_bytes(exp: Experiment, stage: Stage) -> int:
@@ -651,10 +593,10 @@ def check_teacher_cache(exp: Experiment, stage_list=None) -> None:
       continue
     nbytes = teacher_cache_bytes(exp, stage)
     if nbytes > 0.8 * available:
-      raise ValueError(
+      raise ConfigError(
           f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host "
           f"memory for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB "
-          "are free. Set --config.fsp.cache_teacher=False (the teacher is then "
+          "are free. Set config.fsp.cache_teacher=False (the teacher is then "
           "recomputed every step).")
 
 

@@ -37,6 +37,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from fsp_jax import checkpoints, data, guards, metrics, stages
+from fsp_jax.validation import ConfigError
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.models import Network
 
@@ -72,7 +73,7 @@ def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequenc
   the first W steps' rates by (step + 1) / W (a linear warm-up; not in the paper).
   """
   if len(learning_rates) != len(boundaries) + 1:
-    raise ValueError(f"{len(learning_rates)} learning rates need {len(learning_rates) - 1} "
+    raise ConfigError(f"{len(learning_rates)} learning rates need {len(learning_rates) - 1} "
                      f"boundaries; got {len(boundaries)}.")
   values = jnp.asarray(learning_rates, jnp.float32)
   bounds = jnp.asarray(boundaries, jnp.int32)
@@ -216,7 +217,7 @@ def resolve_seed_axis(seed_axis: str) -> str:
   takes vmap: one larger program to fill the chip.
   """
   if seed_axis not in stages.SEED_AXES:
-    raise ValueError(f"config.seed_axis={seed_axis!r} is unknown; use one of "
+    raise ConfigError(f"config.seed_axis={seed_axis!r} is unknown; use one of "
                      f"{', '.join(stages.SEED_AXES)}.")
   if seed_axis == "auto":
     return "unrolled" if jax.default_backend() == "cpu" else "vmap"

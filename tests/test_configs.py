@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from fsp_jax import config_lib, distillers, models, stages
+from fsp_jax import config_lib, distillers, models, stages, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ["cifar100_fast_optimization", "cifar100_minimization",
@@ -23,10 +23,11 @@ def test_every_config_of_the_folder_is_shipped():
     "transfer_demo:teacher", "cub200_transfer:method=fsp"])
 def test_config_plans_stages(spec):
   config = config_lib.load(spec)
+  validation.check_config(config)  # Every setting of a shipped config can run.
   names = [s.name for s in stages.plan_stages(config)]
   assert names[0] == "teacher" or config.teacher.checkpoint
-  for stage in stages.plan_stages(config):
-    stages.check_schedule(stage)
+  for stage in stages.plan_stages(config):  # The scaled schedules too.
+    validation.check_schedule(stage.schedule, stage.schedule_field)
   if config.teacher_only:
     return
   planned = [n for m in config.methods for n in EXPECTED[m]]

@@ -428,12 +428,12 @@ def _abstract(tree):
 def test_checkpoint_of_another_architecture_names_the_field(tmp_path):
   checkpoints.save_model(str(tmp_path / "t6"), _tiny_variables(num_classes=6))
   with pytest.raises(ValueError, match=r"its classifier has 6 classes, the configured "
-                     r"4; .*set --config\.teacher\.num_classes=6\.") as e:
+                     r"4; .*set config\.teacher\.num_classes=6\.") as e:
     checkpoints.restore_model(str(tmp_path / "t6"), _abstract(_tiny_variables(4)),
                               "teacher checkpoint")
   assert not isinstance(e.value, checkpoints.CorruptCheckpoint)
-  with pytest.raises(ValueError, match=r"set --config\.student\.model and "
-                     r"--config\.student\.width_multiplier"):
+  with pytest.raises(ValueError, match=r"set config\.student\.model and "
+                     r"config\.student\.width_multiplier"):
     checkpoints.restore_model(str(tmp_path / "t6"),
                               _abstract(_tiny_variables(6, width=32)),
                               "stage-1 checkpoint")

@@ -1,0 +1,281 @@
+"""Every setting of a config checked before anything trains, in one place.
+
+`check_config(config)` walks the whole config and raises `ConfigError` (a
+`ValueError`) naming the first field whose value cannot run, its value and the
+allowed range, e.g.
+
+    config.teacher.schedule.num_steps must be an integer >= 1; got -5.
+
+The checks go by the field's name, wherever it sits, so that a section a new method
+adds (`config.<method>.temperature`, `config.<method>.schedule`, ...) is checked as
+the shipped ones are: every schedule (a section with `num_steps` and
+`learning_rates`) by `check_schedule`, numbers by `RULES` (exact names) and
+`SUFFIX_RULES` (name endings such as `_weight`), choices by `CHOICES`.
+
+The library's messages speak of `config.FIELD`; the command line shows the same
+message with the flag's spelling, `--config.FIELD` (`flag_message`). No JAX here:
+the command line checks a config before JAX starts.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+import ml_collections
+
+BASELINES = ("scratch", "teacher_short")
+SEED_AXES = ("auto", "vmap", "unrolled")
+
+
+class ConfigError(ValueError):
+  """A setting the user gave (config, data, checkpoint) cannot run.
+
+  Attributes:
+    field: the config field at fault ('teacher.schedule.num_steps'), or None.
+  """
+
+  def __init__(self, message: str, field: Optional[str] = None):
+    super().__init__(message)
+    self.field = field
+
+
+def flag_message(error: BaseException) -> str:
+  """`error`'s message in one line with each `config.FIELD` spelled as the flag that
+  sets it, `--config.FIELD` (what a command-line user types)."""
+  text = " ".join(str(error).split())
+  return re.sub(r"(?<![-\w.])config\.(?=[A-Za-z_])", "--config.", text)
+
+
+class Range:
+  """An allowed range of a number: `low <= x` (or `<`), `x <= high` (or `<`).
+
+  integer: the value must be an int (not a bool); optional: None is allowed.
+  """
+
+  def __init__(self, low=None, high=None, *, low_open=False, high_open=False,
+               integer=False, optional=False, why=""):
+    self.low, self.high = low, high
+    self.low_open, self.high_open = low_open, high_open
+    self.integer, self.optional, self.why = integer, optional, why
+
+  def describe(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    parts = []
+    if self.low is not None:
+      parts.append(f"{'>' if self.low_open else '>='} {self.low}")
+    if self.high is not None:
+      parts.append(f"{'<' if self.high_open else '<='} {self.high}")
+    text = f"{kind} {' and '.join(parts)}".strip()
+    return text + (" (or None)" if self.optional else "")
+
+  def admits(self, value) -> bool:
+    if value is None:
+      return self.optional
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    if self.integer and not isinstance(value, int):
+      return False
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and (value <= self.low if self.low_open else
+                                 value < self.low):
+      return False
+    if self.high is not None and (value >= self.high if self.high_open else
+                                  value > self.high):
+      return False
+    return True
+
+  def check(self, value, field: str) -> None:
+    if not self.admits(value):
+      why = f" ({self.why})" if self.why else ""
+      raise ConfigError(f"config.{field} must be {self.describe()}; got {value!r}{why}.",
+                        field)
+
+
+COUNT = Range(1, integer=True)  # Steps, sizes, intervals: at least 1.
+NON_NEGATIVE_INT = Range(0, integer=True)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+
+# Fields by their full path in the config.
+RULES = {
+    "seed": NON_NEGATIVE_INT,
+    "num_seeds": COUNT,
+    "schedule_scale": POSITIVE,
+    "eval_batch_size": COUNT,
+    "eval_every": Range(0, integer=True, why="0 evaluates only at the end of a stage"),
+    "eval_examples": Range(0, integer=True, why="0 takes the whole test set"),
+    "log_every": COUNT,
+    "checkpoint_every": COUNT,
+    "max_checkpoints_to_keep": Range(
+        1, integer=True, why="2 keeps a fallback for a checkpoint that cannot be read"),
+    "steps_per_call": COUNT,
+    "data.pad": NON_NEGATIVE_INT,
+    "data.train_per_class": Range(0, integer=True, why="0 takes every example"),
+    "teacher.num_classes": Range(0, integer=True, why="0 takes the data set's"),
+    "fitnet.regressor_kernel": COUNT,
+}
+# Fields by the ending of their name, in any section (a new method's included); the
+# first matching ending applies.
+SUFFIX_RULES = (
+    ("width_multiplier", COUNT),
+    ("drop_tokens", NON_NEGATIVE_INT),
+    ("final_weight", Range(0, optional=True, why="None keeps the weight constant")),
+    ("temperature", POSITIVE),
+    ("weight", POSITIVE),  # Loss weights: a term with weight <= 0 is not distillation.
+    ("_scale", POSITIVE),
+    ("momentum", Range(0, 1, high_open=True)),
+    ("weight_decay", NON_NEGATIVE),
+    ("batch_size", COUNT),
+    ("num_steps", COUNT),
+    ("warmup_steps", Range(0, integer=True, why="0 = no warm-up")),
+)
+# Each entry of these sequences: fields by the ending of their name.
+SEQUENCE_RULES = (
+    ("weights", POSITIVE),
+    ("image_size", COUNT),
+    ("crop_size", COUNT),
+    ("token_grid", COUNT),
+    ("classes", NON_NEGATIVE_INT),
+)
+CHOICES = {
+    "data.source": ("tfds", "folder", "digits"),
+    "data.pipeline": ("auto", "host", "device"),
+    "seed_axis": SEED_AXES,
+    "fsp.pool": ("max", "avg"),
+    "fsp.reduction": ("sum", "mean"),
+    "fitnet.pool": ("max", "avg"),
+}
+# Sizes given as (H, W).
+PAIRS = ("data.image_size", "data.crop_size", "teacher.token_grid",
+         "student.token_grid")
+
+
+def _leaves(node, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+  """(dotted path, value) of every field of a ConfigDict, sections first-level first."""
+  for key in node.keys():
+    value = node[key]
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _leaves(value, path + ".")
+    else:
+      yield path, value
+
+
+def _sections(node, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+  """(dotted path, section) of every sub-section of a ConfigDict."""
+  for key in node.keys():
+    value = node[key]
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield f"{prefix}{key}", value
+      yield from _sections(value, f"{prefix}{key}.")
+
+
+def is_schedule(section) -> bool:
+  return "num_steps" in section and "learning_rates" in section
+
+
+def check_schedule(schedule, field: str) -> None:
+  """Fails (ConfigError naming `config.FIELD.x`) where a stage's schedule cannot run.
+
+  Args:
+    schedule: a schedule section (`configs.default.schedule`): num_steps,
+      learning_rates, boundaries, batch_size, momentum, weight_decay, eval_every,
+      warmup_steps.
+    field: its path in the config, e.g. 'teacher.schedule'.
+  """
+  COUNT.check(schedule.num_steps, f"{field}.num_steps")
+  COUNT.check(schedule.batch_size, f"{field}.batch_size")
+  lrs, bounds = tuple(schedule.learning_rates), tuple(schedule.boundaries)
+  if not lrs:
+    raise ConfigError(f"config.{field}.learning_rates is empty; give at least one "
+                      "learning rate, e.g. (0.1,).", f"{field}.learning_rates")
+  for lr in lrs:
+    if not POSITIVE.admits(lr):
+      raise ConfigError(f"config.{field}.learning_rates must all be numbers > 0; got "
+                        f"{lrs!r}.", f"{field}.learning_rates")
+  if len(lrs) != len(bounds) + 1:
+    raise ConfigError(
+        f"config.{field}: {len(lrs)} learning rates need {len(lrs) - 1} boundaries; "
+        f"got {len(bounds)} (config.{field}.boundaries={bounds!r}).",
+        f"{field}.boundaries")
+  for b in bounds:
+    if not NON_NEGATIVE_INT.admits(b):
+      raise ConfigError(f"config.{field}.boundaries must be integers >= 0 (steps); "
+                        f"got {bounds!r}.", f"{field}.boundaries")
+  if list(bounds) != sorted(bounds):
+    raise ConfigError(f"config.{field}.boundaries must increase; got {bounds!r}.",
+                      f"{field}.boundaries")
+  if "eval_every" in schedule:
+    Range(-1, integer=True, why="-1 takes the config's eval_every, 0 evaluates only at "
+          "the end").check(schedule.eval_every, f"{field}.eval_every")
+  for name in ("momentum", "weight_decay", "warmup_steps"):
+    if name in schedule:
+      _rule_for(name).check(schedule[name], f"{field}.{name}")
+
+
+def _rule_for(path: str) -> Optional[Range]:
+  if path in RULES:
+    return RULES[path]
+  name = path.rsplit(".", 1)[-1]
+  for suffix, rule in SUFFIX_RULES:
+    if name.endswith(suffix):
+      return rule
+  return None
+
+
+def _check_names(config, field: str, known: Sequence[str], what: str) -> None:
+  values = config[field]
+  if isinstance(values, str):
+    raise ConfigError(f"config.{field} must be a tuple of names, e.g. ({values!r},); "
+                      f"got the string {values!r}.", field)
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise ConfigError(f"config.{field} has unknown {what} {unknown}; choose from "
+                      f"{', '.join(known)}.", field)
+
+
+def check_config(config, methods: Sequence[str] = ("fsp", "fitnet", "kd")) -> None:
+  """Raises ConfigError naming the first setting of `config` that cannot run.
+
+  Checks every schedule, number, choice and name list of the config (any section,
+  a new method's included) against the ranges above. What needs the data or the
+  models (layer names, batch sizes against the devices and data) is checked by
+  `fsp_jax.stages.setup`, also before anything trains.
+
+  Args:
+    config: an experiment config (`configs/default.py`'s fields).
+    methods: the distillation methods `config.methods` may name.
+  """
+  schedules = set()
+  for path, section in _sections(config):
+    if is_schedule(section):
+      check_schedule(section, path)
+      schedules.add(path)
+  for path, value in _leaves(config):
+    if path.rpartition(".")[0] in schedules:
+      continue  # Checked with its schedule.
+    if path in CHOICES:
+      if value not in CHOICES[path]:
+        raise ConfigError(f"config.{path}={value!r} is unknown; choose from "
+                          f"{', '.join(map(repr, CHOICES[path]))}.", path)
+      continue
+    name = path.rsplit(".", 1)[-1]
+    sequence_rule = next((r for s, r in SEQUENCE_RULES if name.endswith(s)), None)
+    if sequence_rule is not None and isinstance(value, (tuple, list)):
+      for entry in value:
+        if not sequence_rule.admits(entry):
+          raise ConfigError(f"config.{path} entries must each be "
+                            f"{sequence_rule.describe()}; got {tuple(value)!r}.", path)
+      if path in PAIRS and len(value) not in (0, 2):
+        raise ConfigError(f"config.{path} must be () or (height, width); got "
+                          f"{tuple(value)!r}.", path)
+      continue
+    rule = _rule_for(path)
+    if rule is not None and not isinstance(value, (str, tuple, list)):
+      rule.check(value, path)
+  if "methods" in config:
+    _check_names(config, "methods", methods, "distillation methods")
+  if "baselines" in config:
+    _check_names(config, "baselines", BASELINES, "baselines")
