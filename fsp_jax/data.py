@@ -193,7 +193,7 @@ def load_image_folder(root: str, image_size: Optional[Tuple[int, int]] = None,
   Decoded folders are kept for the process's lifetime (several pipelines in one
   process decode once). With `cache_dir`, the decoded arrays are also written there
   (`folder-<key>.npz`, uncompressed) and read back by later processes, e.g. the
-  parallel workers of `fsp_jax.reproduce --jobs`: the key covers the root, the size
+  parallel workers of `experiments/reproduce.py --jobs`: the key covers the root, the size
   and every file's name, size and modification time, so a changed folder is decoded
   again.
   """
@@ -744,7 +744,7 @@ def _local_rows(x: np.ndarray, axis: int) -> np.ndarray:
 def train_calls(dataset: Dataset, mesh, batch_size: int, seeds: Sequence[int],
                 calls: Sequence[Tuple[int, int]], *, device: bool = False,
                 augment: bool = True, pad: int = 4, flip: bool = False,
-                prefetch_size: int = 2) -> Iterator:
+                prefetch_size: int = 2, extras=None) -> Iterator:
   """Yields `(lo, hi, inputs)` for each call range, what `train.jit_train_steps` takes.
 
   Host pipeline (`device=False`): `inputs` is the batches of steps lo..hi-1, uint8
@@ -753,6 +753,10 @@ def train_calls(dataset: Dataset, mesh, batch_size: int, seeds: Sequence[int],
   over the mesh along B. Device pipeline: `inputs` holds only `indices` `(K, [S,] B)`
   int32, `seed` and `step` `(K, [S])`: the batches are gathered and augmented on the
   device (`device_train_batch`). Both are pure functions of (seed, step).
+
+  `extras` (`{name: array or tuple of arrays}`, each `(N, ...)` per training example,
+  e.g. the teacher's cached FSP matrices) are gathered on the host for the examples of
+  each seed's batch, in either pipeline: `inputs[name]` `(K, [S,] B, ...)`.
   """
   n_dev, pcount = mesh.devices.size, jax.process_count()
   if batch_size % n_dev:
@@ -772,12 +776,16 @@ def train_calls(dataset: Dataset, mesh, batch_size: int, seeds: Sequence[int],
       if device:
         idx = [train_batch_indices(len(dataset.train_labels), batch_size, s, step)
                for s in seeds]
-        per_step.append({"indices": np.stack(idx).astype(np.int32),
-                         "seed": np.asarray(seeds, np.int32),
-                         "step": np.full((len(seeds),), step, np.int32)})
+        inputs = {"indices": np.stack(idx).astype(np.int32),
+                  "seed": np.asarray(seeds, np.int32),
+                  "step": np.full((len(seeds),), step, np.int32)}
+        for name, arrays in (extras or {}).items():  # The global batch's rows.
+          inputs[name] = jax.tree.map(lambda a: np.stack([a[i] for i in idx]), arrays)
+        per_step.append(inputs)
       else:
         batches = [train_batch(dataset, batch_size, s, step, augment=augment, pad=pad,
-                               flip=flip, process_index=pindex, process_count=pcount)
+                               flip=flip, process_index=pindex, process_count=pcount,
+                               extras=extras)
                    for s in seeds]
         per_step.append(jax.tree.map(lambda *xs: np.stack(xs), *batches))
     out = jax.tree.map(lambda *xs: np.stack(xs), *per_step)  # (K, S, ...)
@@ -787,15 +795,18 @@ def train_calls(dataset: Dataset, mesh, batch_size: int, seeds: Sequence[int],
 
   def to_device(inputs):
     batch_axis = 1 + len(seed_axes)
+    def batch_rows(x, local=False):
+      return jax.make_array_from_process_local_data(
+          sharding(x.ndim - batch_axis - 1),
+          _local_rows(x, batch_axis) if local else x)
     if device:
-      return {"indices": jax.make_array_from_process_local_data(
-                  sharding(0), _local_rows(inputs["indices"], batch_axis)),
-              "seed": jax.device_put(inputs["seed"], jax.sharding.NamedSharding(
-                  mesh, jax.sharding.PartitionSpec())),
-              "step": jax.device_put(inputs["step"], jax.sharding.NamedSharding(
-                  mesh, jax.sharding.PartitionSpec()))}
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharding(x.ndim - batch_axis - 1), x), inputs)
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      out = {name: jax.tree.map(lambda x: batch_rows(x, local=True), value)
+             for name, value in inputs.items() if name not in ("seed", "step")}
+      out.update(seed=jax.device_put(inputs["seed"], replicated),
+                 step=jax.device_put(inputs["step"], replicated))
+      return out
+    return jax.tree.map(batch_rows, inputs)
 
   def produce():
     for lo, hi in calls:

@@ -279,8 +279,10 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
   def one_step(st, x):
     if device_batch is not None:
       images, labels = train_data
+      extras = {k: v for k, v in x.items() if k not in ("indices", "seed", "step")}
       x = data.device_train_batch(images, labels, x["indices"], x["seed"], x["step"],
                                   **dict(device_batch))
+      x.update(extras)  # Per-example inputs gathered on the host (a teacher cache).
     return train_step(st, x, teacher_variables, student=student, teacher=teacher,
                       distiller=distiller, use_labels=use_labels)
   if num_seeds > 1:
@@ -578,7 +580,7 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
           data.call_ranges(start, total, cfg.steps_per_call,
                            (cfg.log_every, eval_every, cfg.checkpoint_every)),
           device=pipeline == "device", augment=sched.augment, pad=cfg.data.pad,
-          flip=cfg.data.flip)
+          flip=cfg.data.flip, extras=cache)
       run_call = lambda state, inputs: steps_fn(  # noqa: E731
           state, inputs, step_teacher, train_data)
     for lo, done, inputs in calls:

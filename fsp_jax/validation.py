@@ -192,8 +192,8 @@ def check_schedule(schedule, field: str) -> None:
     raise ConfigError(f"config.{field}.learning_rates is empty; give at least one "
                       "learning rate, e.g. (0.1,).", f"{field}.learning_rates")
   for lr in lrs:
-    if not POSITIVE.admits(lr):
-      raise ConfigError(f"config.{field}.learning_rates must all be numbers > 0; got "
+    if not NON_NEGATIVE.admits(lr):  # 0 freezes the weights (a probe, a test).
+      raise ConfigError(f"config.{field}.learning_rates must all be numbers >= 0; got "
                         f"{lrs!r}.", f"{field}.learning_rates")
   if len(lrs) != len(bounds) + 1:
     raise ConfigError(

@@ -6,6 +6,18 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole test session, its worker processes
+# (pytest-xdist, which inherit this environment) and the command-line subprocesses
+# the tests start: a program compiled once (the smoke config's steps, evaluations,
+# the same ResNet-8s in many tests) is loaded, not compiled again. A cached
+# executable computes exactly what a fresh compile gives.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  _OWN_CACHE = tempfile.mkdtemp(prefix="fsp_jax_tests_jit_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -40,14 +52,56 @@ def with_devices(env, n):
 
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory):
-  """Environment of command-line subprocesses: CPU, 2 devices, a shared compile cache.
+  """Environment of command-line subprocesses: CPU, 2 devices, the session's compile
+  cache (above), so that only the first run of a program compiles."""
+  del tmp_path_factory
+  return with_devices(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"), 2)
 
-  The persistent JAX compilation cache lets only the first run of a program compile
-  (seconds instead of tens of seconds on 2 cores); a cached executable computes exactly
-  what a fresh compile does.
-  """
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return with_devices(dict(
-      os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1"), 2)
+
+def checkpoint_accuracies(config, workdir, stage_name):
+  """A classifier stage's test accuracy recomputed from its final checkpoint, apart
+  from the training loop's evaluation: `(per_seed, ensemble, one)`, fractions, where
+  `per_seed` has one entry per seed, `ensemble` is the mean softmax's accuracy and
+  `one` is one test example's share (what a near-tie decided otherwise in batches of
+  another size can move an accuracy by)."""
+  import jax
+  import numpy as np
+
+  from fsp_jax import checkpoints, stages
+  exp = stages.setup(config, str(workdir))
+  stage = next(s for s in exp.stages if s.name == stage_name)
+  network = exp.networks[stage.role]
+  seeds = stages.stage_seeds(exp, stage)
+  template = stages.random_variables(exp, stage.role, seeds)
+  variables = checkpoints.restore_model(os.path.join(str(workdir), stage_name),
+                                        template)[0]
+  if len(seeds) == 1:
+    variables = jax.tree.map(lambda x: x[None], variables)
+  logits = jax.jit(lambda v, x: network.apply(v, x)[0])
+  images, labels = exp.dataset.test_images, exp.dataset.test_labels
+  probs = [np.asarray(jax.nn.softmax(logits(jax.tree.map(lambda x: x[k], variables),
+                                            images)), np.float64)
+           for k in range(len(seeds))]
+  per_seed = [float(np.mean(p.argmax(-1) == labels)) for p in probs]
+  ensemble = float(np.mean(np.mean(probs, 0).argmax(-1) == labels))
+  return per_seed, ensemble, 1.0 / len(labels)
+
+
+def pytest_unconfigure(config):
+  """The session's compilation cache is removed by the process that made it."""
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# Test files whose tests take longest (whole pipelines, subprocesses), run first so that
+# the workers (pytest-xdist) finish together instead of one waiting on a late long test.
+LONGEST_FIRST = ("test_gpu_script.py", "test_seeds.py", "test_fsp_cache.py",
+                 "test_experiment.py", "test_reliability.py", "test_examples.py",
+                 "test_notebook.py", "test_plots.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

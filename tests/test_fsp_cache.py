@@ -92,11 +92,21 @@ def _losses(stage_dir):
     return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
-def test_pipeline_cache_teacher_matches_recomputing(tmp_path):
-  recomputed = train.run(tiny_config(augment=False), str(tmp_path / "a"))
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+  """A trained teacher stage directory of `tiny_config`, shared by the tests here."""
+  workdir = tmp_path_factory.mktemp("teacher")
   config = tiny_config(augment=False)
+  config.teacher_only = True
+  train.run(config, str(workdir))
+  return str(workdir / "teacher")
+
+
+def test_pipeline_cache_teacher_matches_recomputing(tmp_path, tiny_teacher):
+  config = tiny_config(augment=False)
+  config.teacher.checkpoint = tiny_teacher
+  recomputed = train.run(config, str(tmp_path / "a"))
   config.fsp.cache_teacher = True
-  config.teacher.checkpoint = str(tmp_path / "a" / "teacher")
   cached = train.run(config, str(tmp_path / "b"))
   np.testing.assert_allclose(cached["fsp"]["test_fsp_loss"],
                              recomputed["fsp"]["test_fsp_loss"], rtol=1e-5)
@@ -105,6 +115,41 @@ def test_pipeline_cache_teacher_matches_recomputing(tmp_path):
   np.testing.assert_allclose(b, a, rtol=1e-5)
   np.testing.assert_allclose(cached["student"]["test_accuracy"],
                              recomputed["student"]["test_accuracy"], atol=1e-6)
+
+
+# Every training loop the cache passes through: several steps per jitted call, seeds
+# side by side each with its own stage 1 (the cache gathered per seed's batch), and
+# the training set on the device (the cache gathered on the host beside the indices).
+LOOPS = {
+    "steps_per_call": dict(steps_per_call=4),
+    "seeds_not_shared": dict(num_seeds=2),
+    "device_pipeline": dict(pipeline="device"),
+}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_cache_teacher_in_every_loop_matches_recomputing(loop, tmp_path, tiny_teacher):
+  settings = LOOPS[loop]
+  results = {}
+  for cached in (False, True):
+    config = tiny_config(augment=False)
+    config.teacher.checkpoint = tiny_teacher
+    config.steps_per_call = settings.get("steps_per_call", 1)
+    config.num_seeds = settings.get("num_seeds", 1)
+    config.fsp.shared = False
+    config.data.pipeline = settings.get("pipeline", "host")
+    config.fsp.cache_teacher = cached
+    workdir = tmp_path / ("cached" if cached else "recomputed")
+    results[cached] = (train.run(config, str(workdir)), _losses(workdir / "fsp"))
+  (ref, ref_losses), (got, got_losses) = results[False], results[True]
+  assert len(ref_losses) == 4 and ref_losses[0] > 0
+  np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(got["fsp"]["test_fsp_loss"], ref["fsp"]["test_fsp_loss"],
+                             rtol=1e-5)
+  if "num_seeds" in settings:  # Each seed trained its own stage 1.
+    assert len(got["fsp"]["per_seed"]) == 2
+  np.testing.assert_allclose(got["student"]["test_accuracy"],
+                             ref["student"]["test_accuracy"], atol=1e-6)
 
 
 def test_cache_teacher_with_augmentation_is_a_clear_error():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import checkpoint_accuracies
 from fsp_jax import checkpoints, config_lib, data, stages, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,12 @@ def test_seed_of_a_several_seed_run_equals_its_one_seed_run(tmp_path):
   per_seed = [p["test_accuracy"] for p in three["student"]["per_seed"]]
   assert three["student"]["test_accuracy"] == pytest.approx(np.mean(per_seed))
   assert three["student"]["test_accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
-  assert 0.0 <= three["student"]["ensemble_test_accuracy"] <= 1.0
+  # Each seed's accuracy and the ensemble's are what the final checkpoint scores.
+  config3 = smoke(num_seeds=3, **{"teacher.checkpoint": teacher})
+  recomputed, ensemble, one = checkpoint_accuracies(config3, tmp_path / "three",
+                                                    "student")
+  np.testing.assert_allclose(per_seed, recomputed, atol=one + 1e-9)
+  assert abs(three["student"]["ensemble_test_accuracy"] - ensemble) <= one + 1e-9
 
 
 def test_ensemble_is_the_mean_softmax_of_the_seeds(tmp_path):

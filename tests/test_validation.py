@@ -32,8 +32,8 @@ BAD = [
     ("teacher.schedule.num_steps", 0, "an integer >= 1; got 0"),
     ("student.schedule.batch_size", 0, "an integer >= 1; got 0"),
     ("fsp.schedule.batch_size", -64, "an integer >= 1; got -64"),
-    ("fsp.schedule.learning_rates", (-0.1,), "numbers > 0; got (-0.1,)"),
-    ("fitnet.schedule.learning_rates", (0.1, float("nan")), "numbers > 0"),
+    ("fsp.schedule.learning_rates", (-0.1,), "numbers >= 0; got (-0.1,)"),
+    ("fitnet.schedule.learning_rates", (0.1, float("nan")), "numbers >= 0"),
     ("student.schedule.learning_rates", (), "is empty"),
     ("teacher.schedule.boundaries", (300, 200), "must increase"),
     ("teacher.schedule.boundaries", (-1, 450), "integers >= 0"),
@@ -135,7 +135,7 @@ def _cli(args, workdir, code=None):
     ("--config.student.schedule.batch_size=0",
      "--config.student.schedule.batch_size must be an integer >= 1; got 0."),
     ("--config.fsp.schedule.learning_rates=(-0.1,)",
-     "--config.fsp.schedule.learning_rates must all be numbers > 0; got (-0.1,)."),
+     "--config.fsp.schedule.learning_rates must all be numbers >= 0; got (-0.1,)."),
 ])
 def test_bad_flags_exit_2_in_one_line_before_anything_runs(flag, says, tmp_path):
   proc, seconds = _cli([flag], tmp_path / "w")

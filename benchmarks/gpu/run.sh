@@ -36,16 +36,20 @@ if ! (cd /tmp && "$PY" -c "import fsp_jax.configs") 2>/dev/null; then
 fi
 
 if [ "$DRY_RUN" = 1 ]; then
-  SCALE=${SCALE:-0.0002}; BENCH=(--steps 2 --warmup 1 --batch_size 16 --teacher_depth 8)
+  SCALE=${SCALE:-0.0001}; BENCH=(--steps 2 --warmup 1 --batch_size 16 --teacher_depth 8)
+  # Every bench command runs; those after the first time the main step only.
+  MORE=main
   LOOP=(--loop_steps 4 --repeats 1 --batch_size 16); K=2
-  # Digits at 8x8, and learning rates 100x lower: a handful of steps at the paper's
-  # rates on 8x8 images can diverge, and this run only checks the script.
+  # Digits at 8x8, ResNet-8s, and learning rates 100x lower: a handful of steps at the
+  # paper's rates on 8x8 images can diverge, and this run only checks the script.
   DATA=(--config.data.source=digits --config.data.image_size="(8,8)" --config.data.pad=1
+        --config.teacher.model=cifar_resnet8 --config.student.model=cifar_resnet8
         --config.fsp.schedule.learning_rates="(1e-5,1e-6,1e-7)"
         --config.student.schedule.learning_rates="(1e-3,1e-4,1e-5)")
   TORCH=(--steps 2 --warmup 1 --batch_size 16 --no_compile)
 else
   SCALE=${SCALE:-1.0}; BENCH=(--steps 50 --warmup 10); LOOP=(--loop_steps 1000 --repeats 3)
+  MORE=main,fsp
   K=${K:-200}
   DATA_DIR=${DATA_DIR:-/tmp/cifar10}
   if [ ! -d "$DATA_DIR/train" ]; then
@@ -61,11 +65,11 @@ cd "$OUT"
 stage "bench float32"
 "$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp,teacher | tee "$OUT/bench_f32.json"
 stage "bench bfloat16"
-"$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp,teacher --half_precision \
+"$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only "$MORE",teacher --half_precision \
     | tee "$OUT/bench_bf16.json"
 for axis in vmap unrolled; do
   stage "bench 3 seeds in one program, seed_axis=$axis"
-  "$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp --num_seeds 3 \
+  "$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only "$MORE" --num_seeds 3 \
       --seed_axis "$axis" | tee "$OUT/bench_seeds_$axis.json"
 done
 stage "bench loops: host pipeline 1 step/call vs K=$K steps/call, 3 seeds"
