@@ -279,3 +279,33 @@ def check_config(config, methods: Sequence[str] = ("fsp", "fitnet", "kd")) -> No
     _check_names(config, "methods", methods, "distillation methods")
   if "baselines" in config:
     _check_names(config, "baselines", BASELINES, "baselines")
+
+
+def check_batch_size(batch_size: int, num_devices: int,
+                     num_examples: Optional[int] = None, field: str = "batch_size", *,
+                     dataset: str = "", stage: str = "") -> None:
+  """Raises `ConfigError` where a global batch of `batch_size` examples cannot be
+  split evenly over `num_devices` devices or, given `num_examples`, exceeds the
+  training set (an epoch would hold no full batch). The one place these two checks
+  are written: the data pipeline and the stages' check before training call it.
+
+  Args:
+    batch_size: the global batch size, the value of `config.FIELD`.
+    num_devices: the devices the batch is split over (1: only the examples checked).
+    num_examples: the training examples, or None (evaluation: any size is covered).
+    field: the config field that sets `batch_size` ('fsp.schedule.batch_size').
+    dataset, stage: named in the message where given.
+  """
+  of = f" of {dataset}" if dataset else ""
+  in_stage = f" (stage {stage!r})" if stage else ""
+  if num_examples is not None and batch_size > num_examples:
+    raise ConfigError(
+        f"{field}={batch_size} exceeds the {num_examples} training examples{of}; set "
+        f"config.{field} to at most {num_examples}{in_stage}.", field)
+  if num_devices > 1 and batch_size % num_devices:
+    up = -(-batch_size // num_devices) * num_devices
+    if num_examples is not None and up > num_examples and batch_size >= num_devices:
+      up = batch_size // num_devices * num_devices  # The multiple below still fits.
+    raise ConfigError(
+        f"{field}={batch_size} is not divisible by the {num_devices} devices the batch "
+        f"is split over{in_stage}; set config.{field}={up}.", field)
