@@ -85,16 +85,19 @@ def test_cub_200_from_tfds_resized_and_cropped():
   assert ds.num_classes == 200 and ds.crop_size == (16, 16)
   assert ds.train_images.shape == (8, 20, 24, 3) and ds.test_images.shape == (8, 16, 16, 3)
   assert ds.image_shape == (16, 16, 3)
-  batch = data.train_batch(ds, 4, seed=0, step=1, flip=True)
+  augment = data.Augment(flip=True, crop_size=ds.crop_size)
+  batch = data.train_batch(ds, 4, seed=0, step=1, augment=augment)
   assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
   np.testing.assert_array_equal(batch["image"],
-                                data.train_batch(ds, 4, seed=0, step=1, flip=True)["image"])
+                                data.train_batch(ds, 4, seed=0, step=1,
+                                                 augment=augment)["image"])
   # Each process crops its own half; together they are the global batch.
-  halves = [data.train_batch(ds, 4, 0, 1, flip=True, process_index=p, process_count=2)
+  halves = [data.train_batch(ds, 4, 0, 1, augment, process_index=p, process_count=2)
             for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]),
                                 batch["image"])
-  plain = data.train_batch(ds, 4, seed=0, step=1, augment=False)
+  plain = data.train_batch(ds, 4, seed=0, step=1,
+                           augment=data.Augment.none(crop_size=ds.crop_size))
   np.testing.assert_array_equal(plain["image"],
                                 data.center_crop(ds.train_images[
                                     data.train_batch_indices(8, 4, 0, 1)], (16, 16)))
@@ -144,6 +147,131 @@ def test_train_batches_depend_only_on_seed_and_step():
   halves = [data.train_batch(ds, 32, 3, 57, process_index=p, process_count=2)
             for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["label"] for h in halves]), a["label"])
+
+
+def test_host_batches_are_the_plain_augmentations_of_seed_and_step():
+  """The random draws of a (seed, step) never change: a pipeline change that drew
+  otherwise would silently change every run's data (and break resuming old runs)."""
+  import hashlib
+  ds = data.load_digits(16)
+  seed, step, bs = 3, 57, 32
+  idx = data.train_batch_indices(len(ds.train_labels), bs, seed, step)
+  # Pad-crop-flip: one Generator [seed, step, 1] over the whole global batch.
+  batch = data.train_batch(ds, bs, seed, step, data.Augment(pad=4, flip=True))
+  assert hashlib.sha256(batch["image"].tobytes()).hexdigest() == (
+      "d568f7b38ffcf1cb5879c3401d19f3bc8c3d949daf982b2d28e7ac9f8ceddd62")
+  assert hashlib.sha256(batch["label"].tobytes()).hexdigest() == (
+      "a3811c9aa4d864a42422a5b2472bb50515bea418da2d1d7dce705f8826ad00b3")
+  for pad, flip in ((4, False), (2, True), (0, True)):
+    rng = np.random.default_rng([seed, step, 1])
+    want = data.augment_batch(ds.train_images[idx], rng, pad=pad, flip=flip)
+    for p, count in ((0, 1), (0, 2), (1, 2)):
+      got = data.train_batch(ds, bs, seed, step, data.Augment(pad=pad, flip=flip),
+                             process_index=p, process_count=count)
+      rows = slice(p * bs // count, (p + 1) * bs // count)
+      np.testing.assert_array_equal(got["image"], want[rows])
+      np.testing.assert_array_equal(got["label"], ds.train_labels[idx][rows])
+  np.testing.assert_array_equal(
+      data.train_batch(ds, bs, seed, step, data.Augment.none())["image"],
+      ds.train_images[idx])
+  # Random-resized crops: image k of the global batch from Generator [seed, step, 2, k].
+  crop = data.with_crop(ds, (12, 12))
+  rngs = [np.random.default_rng([seed, step, 2, k]) for k in range(bs)]
+  want = data.random_resized_crop(crop.train_images[idx], rngs, (12, 12), flip=True)
+  for p, count in ((0, 1), (1, 2)):
+    got = data.train_batch(crop, bs, seed, step,
+                           data.Augment(flip=True, crop_size=crop.crop_size),
+                           process_index=p, process_count=count)
+    np.testing.assert_array_equal(
+        got["image"], want[p * bs // count:(p + 1) * bs // count])
+  np.testing.assert_array_equal(
+      data.train_batch(crop, bs, seed, step,
+                       data.Augment.none(crop_size=(12, 12)))["image"],
+      data.center_crop(crop.train_images[idx], (12, 12)))
+  # Extras come with every kind of batch, random-resized crops included.
+  extras = {"row": np.arange(len(ds.train_labels))}
+  got = data.train_batch(crop, bs, seed, step, data.Augment(crop_size=(12, 12)),
+                         process_index=1, process_count=2, extras=extras)
+  np.testing.assert_array_equal(got["row"], idx[bs // 2:])
+  # A data set tested on crops is trained on crops of the same size.
+  with pytest.raises(ValueError, match=r"crop_size=dataset.crop_size"):
+    data.train_batch(crop, bs, seed, step, data.Augment())
+
+
+def test_device_batches_are_the_plain_device_augmentations():
+  ds = data.load_digits(16)
+  images, labels = jax.numpy.asarray(ds.train_images), jax.numpy.asarray(ds.train_labels)
+  idx = data.train_batch_indices(len(ds.train_labels), 32, 5, 7)
+  key = data.augment_key(5, 7)
+  plain = images[idx]
+  for augment, want in (
+      (data.Augment(pad=1, flip=True), data.device_pad_crop_flip(plain, key, 1, True)),
+      (data.Augment(flip=True, crop_size=(12, 12)),
+       data.device_random_resized_crop(plain, key, (12, 12), flip=True)),
+      (data.Augment.none(crop_size=(12, 12)), plain[:, 2:14, 2:14]),
+      (data.Augment.none(), plain)):
+    got = data.device_train_batch(images, labels, idx, 5, 7, augment)
+    np.testing.assert_array_equal(got["image"], want)
+    np.testing.assert_array_equal(got["label"], ds.train_labels[idx])
+
+
+def test_augment_is_hashable_and_a_static_jit_argument():
+  import ml_collections
+  a = data.Augment(pad=np.int64(2), flip=True, crop_size=[12, np.int32(12)])
+  assert a.crop_size == (12, 12) and all(type(s) is int for s in a.crop_size)
+  assert type(a.pad) is int
+  b = data.Augment(pad=2, flip=True, crop_size=(12, 12))
+  assert a == b and hash(a) == hash(b) and len({a, b, data.Augment()}) == 2
+  assert data.Augment(crop_size=None).crop_size == ()
+  with pytest.raises(AttributeError):
+    a.pad = 3  # Frozen.
+  config = ml_collections.ConfigDict(dict(pad=2, flip=True))
+  assert data.Augment.of(config, True, crop_size=(12, 12)) == b
+  assert data.Augment.of(config, False) == data.Augment(False, 2, True, ())
+  assert data.Augment.none() == data.Augment(enabled=False)
+  with pytest.raises(ValueError, match="crop_size"):
+    data.Augment(crop_size=(1, 2, 3))
+  with pytest.raises(ValueError, match="pad"):
+    data.Augment(pad=-1)
+  traces = []
+
+  def fn(images, augment):
+    traces.append(augment)
+    return data.device_augment(images, augment, 5, 7)
+  jitted = jax.jit(fn, static_argnums=1)
+  images = jax.numpy.asarray(data.load_digits(16).train_images[:8])
+  one = jitted(images, data.Augment(pad=1, flip=True))
+  again = jitted(images, data.Augment(pad=np.int64(1), flip=1))  # Equal: no retrace.
+  assert len(traces) == 1
+  np.testing.assert_array_equal(one, again)
+  np.testing.assert_array_equal(
+      one, data.device_pad_crop_flip(images, data.augment_key(5, 7), 1, True))
+  assert jitted(images, data.Augment.none()).shape == images.shape and len(traces) == 2
+
+
+def test_batch_sizes_are_checked_once_with_what_to_set():
+  ds = data.load_digits(8)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  with pytest.raises(ValueError, match=r"batch_size=5000 exceeds the \d+ training "
+                     r"examples; set config.batch_size to at most \d+"):
+    data.train_batch_indices(len(ds.train_labels), 5000, 0, 0)
+  for call in (lambda: next(data.train_batches(ds, mesh, 5000, 0, 0, 1)),
+               lambda: next(data.train_calls(ds, mesh, 5000, (0,), [(0, 1)]))):
+    with pytest.raises(ValueError, match="exceeds the"):
+      call()
+  from fsp_jax import validation
+  with pytest.raises(validation.ConfigError) as error:
+    validation.check_batch_size(31, 2, 1000, "fsp.schedule.batch_size", stage="fsp")
+  assert str(error.value) == (
+      "fsp.schedule.batch_size=31 is not divisible by the 2 devices the batch is split "
+      "over (stage 'fsp'); set config.fsp.schedule.batch_size=32.")
+  assert error.value.field == "fsp.schedule.batch_size"
+  with pytest.raises(validation.ConfigError, match="eval_batch_size=30 is not divisible "
+                     "by the 4 devices .*; set config.eval_batch_size=32"):
+    validation.check_batch_size(30, 4, field="eval_batch_size")
+  with pytest.raises(validation.ConfigError, match="set config.batch_size=8"):
+    validation.check_batch_size(9, 4, 10)  # 12 would exceed the 10 examples.
+  validation.check_batch_size(32, 2, 32)
 
 
 def test_eval_batches_cover_every_example_once():

@@ -34,7 +34,7 @@ def test_cached_teacher_matrices_give_the_recomputed_steps():
     state = train.create_train_state(student, variables, tx)
     losses = []
     for _, batch in data.train_batches(ds, mesh, 32, seed=0, start_step=0, num_steps=3,
-                                       augment=False, extras=extras):
+                                       augment=data.Augment.none(), extras=extras):
       assert ("teacher_targets" in batch) == (extras is not None)
       # With the cache, no teacher at all: only the cached matrices.
       state, metrics = step(state, batch, None if extras else teacher_vars)

@@ -170,8 +170,9 @@ def test_device_batches_depend_only_on_seed_and_step():
   ds = data.load_digits(8)
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
   idx = data.train_batch_indices(len(ds.train_labels), 32, 5, 7)
-  fn = jax.jit(lambda i, s, t: data.device_train_batch(images, labels, i, s, t, pad=1,
-                                                       flip=True))
+  augment = data.Augment(pad=1, flip=True)
+  fn = jax.jit(lambda i, s, t: data.device_train_batch(images, labels, i, s, t,
+                                                       augment))
   a, b = fn(idx, 5, 7), fn(idx, 5, 7)
   np.testing.assert_array_equal(a["image"], b["image"])
   np.testing.assert_array_equal(a["label"], ds.train_labels[idx])
@@ -255,11 +256,12 @@ def test_sharded_training_set_gives_the_replicated_batches():
   idx = data.train_batch_indices(len(ds.train_labels), 32, 5, 7)
   idx = jax.device_put(idx.astype(np.int32), jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("data")))
+  augment = data.Augment(pad=1, flip=True)
   sharded = jax.jit(lambda im, lb, i: data.device_train_batch(
-      im, lb, i, 5, 7, pad=1, flip=True, mesh=mesh))(images, labels, idx)
+      im, lb, i, 5, 7, augment, mesh=mesh))(images, labels, idx)
   replicated = jax.jit(lambda im, lb, i: data.device_train_batch(
-      im, lb, i, 5, 7, pad=1, flip=True))(jnp.asarray(ds.train_images),
-                                          jnp.asarray(ds.train_labels), idx)
+      im, lb, i, 5, 7, augment))(jnp.asarray(ds.train_images),
+                                 jnp.asarray(ds.train_labels), idx)
   np.testing.assert_array_equal(sharded["image"], replicated["image"])
   np.testing.assert_array_equal(sharded["label"], ds.train_labels[np.asarray(idx)])
   assert sharded["image"].sharding.spec[0] == "data"
