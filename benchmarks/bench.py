@@ -290,8 +290,8 @@ def run_loop(args) -> Dict:
     jax.block_until_ready(m)
 
   def calls(total, device):
-    device_batch = (("augment", True), ("pad", 4), ("flip", False),
-                    ("crop_size", ()), ("mesh", mesh)) if device else None
+    # `data.device_train_batch`'s keyword arguments: the paper's augmentation.
+    device_batch = (("augment", data.Augment()), ("mesh", mesh)) if device else None
     steps = train.jit_train_steps(net, None, None, True, len(seeds), device_batch,
                                   args.seed_axis)
     train_data = data.device_train_data(ds, mesh) if device else None
@@ -346,8 +346,10 @@ def run_input_pipeline(args, num_batches: int = 200) -> Dict:
                 for shape in ((64, 64), (64, 128), (128, 256)))
   small = dataclasses.replace(ds, train_images=ds.train_images[:m],
                               train_labels=ds.train_labels[:m])
-  cases = {"augment": (ds, dict(augment=True)), "no_augment": (ds, dict(augment=False)),
-           "no_augment_cached_fsp_4x": (small, dict(augment=False,
+  none = data.Augment.none()
+  cases = {"augment": (ds, dict(augment=data.Augment())),
+           "no_augment": (ds, dict(augment=none)),
+           "no_augment_cached_fsp_4x": (small, dict(augment=none,
                                                     extras={"teacher_targets": cache}))}
   for name, (dset, kw) in cases.items():
     it = data.train_batches(dset, mesh, args.batch_size, 0, 0, num_batches + 5, **kw)
