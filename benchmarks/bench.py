@@ -96,7 +96,7 @@ class Steps:
     import jax.numpy as jnp
     import numpy as np
 
-    from fsp_jax import data, distillers, fsp, models, train
+    from fsp_jax import data, fsp, methods, models, train
     self.jax = jax
     self.batch_size = args.batch_size
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
@@ -126,7 +126,7 @@ class Steps:
     self.teacher_variables = jax.device_put(
         teacher.init(jax.random.PRNGKey(0), (32, 32, 3)), replicated)
     # Training's own jitted steps (what `train.train_and_evaluate` runs).
-    distiller = distillers.FSP(fsp.default_fsp_pairs(student.feature_names))
+    distiller = methods.FSP(fsp.default_fsp_pairs(student.feature_names))
     teacher_fsp = train.jit_teacher_targets(teacher, distiller)
     matrices = teacher_fsp(self.teacher_variables, self.batch["image"])
     cached_batch = dict(self.batch, teacher_targets=matrices)
@@ -291,7 +291,7 @@ def run_loop(args) -> Dict:
 
   def calls(total, device):
     # `data.device_train_batch`'s keyword arguments: the paper's augmentation.
-    device_batch = (("augment", data.Augment()), ("mesh", mesh)) if device else None
+    device_batch = (data.Augment(), mesh) if device else None
     steps = train.jit_train_steps(net, None, None, True, len(seeds), device_batch,
                                   args.seed_axis)
     train_data = data.device_train_data(ds, mesh) if device else None

@@ -10,23 +10,12 @@ count steps of one global batch.
 """
 import ml_collections
 
+from fsp_jax import config_lib, methods
 from fsp_jax.config_lib import parse_arg
 
 
-def schedule(num_steps, learning_rates, boundaries, batch_size=128, momentum=0.9,
-             weight_decay=1e-4, augment=True, eval_every=-1, warmup_steps=0):
-  """One stage's optimisation: SGD with momentum, piecewise-constant learning rate.
-
-  eval_every: test-set evaluations every this many steps of the stage; -1 takes the
-  config's `eval_every`, 0 evaluates only at the end.
-  warmup_steps: the learning rate rises linearly over the first this many steps
-  (scaled with the schedule; 0 = none, the paper).
-  """
-  return ml_collections.ConfigDict(dict(
-      num_steps=num_steps, learning_rates=tuple(learning_rates),
-      boundaries=tuple(boundaries), batch_size=batch_size, momentum=momentum,
-      weight_decay=weight_decay, augment=augment, eval_every=eval_every,
-      warmup_steps=warmup_steps))
+# One stage's optimisation (SGD with momentum, piecewise-constant learning rate).
+schedule = config_lib.schedule
 
 
 def get_config(arg=None):
@@ -103,60 +92,18 @@ def get_config(arg=None):
       schedule=schedule(21000, (0.1, 0.01, 0.001), (11000, 16000)),
   ))
 
-  # Distillation methods to run, each with its stages (see fsp_jax.distillers):
-  # 'fsp' (stage 1 FSP -> 'student'), 'fitnet' (stage 1 hint -> 'fitnet', stage 2 with
-  # KD), 'kd' (the student from random weights with cross-entropy + KD).
+  # Distillation methods to run (fsp_jax.methods; docs/methods.md), each adding its
+  # stages: 'fsp' (stage 1 FSP -> 'student'), 'fitnet' (stage 1 hint -> 'fitnet',
+  # stage 2 with KD), 'kd' (the student from random weights with cross-entropy + KD),
+  # or a method of your own as 'PKG.MODULE:NAME'.
   config.methods = ("fsp",)
-
-  # Stage 1: the FSP loss only.
-  config.fsp = ml_collections.ConfigDict(dict(
-      # (first, last) feature names, e.g. (('stem', 'section1'), ('section1',
-      # 'section2')), or indices into the network's features; () = one per section.
-      fsp_pairs=(),
-      weights=(),  # lambda per pair; () = all 1.0 (the paper: all equal).
-      pool="max",  # spatial mismatch: 'max' (paper) or 'avg'.
-      # 'sum' of squared differences over each matrix's entries (Eq. 2, the paper) or
-      # their 'mean' (PyTorch re-implementations; use LR ~0.05 with it). With 'sum',
-      # LR 1e-3 is at the edge of stability on CIFAR (docs/reproduction/weak_teacher/findings.md).
-      reduction="sum",
-      # Beyond the paper: learned 1x1 convolutions map the student's feature maps to
-      # the teacher's channel counts, so teachers of other widths can be used.
-      adapter=False,
-      schedule=schedule(21000, (0.001, 0.0001, 0.00001), (11000, 16000)),
-      # A finished stage 1 to reuse (a stage directory, e.g. OTHER_WORKDIR/fsp): one
-      # stage-1 result initialises several students, as in the paper's Table 1.
-      checkpoint="",
-      # Compute the frozen teacher's FSP matrices once per training example and reuse
-      # them every epoch (the paper's suggestion): stage 1 then costs about one student
-      # step. Needs un-augmented stage-1 inputs (fsp.schedule.augment=False, the
-      # CIFAR-100 setting). Host memory: 4 bytes x sum(m*n) per example, e.g. CIFAR-100
-      # at 4x width: (64*64 + 64*128 + 128*256) * 4 B = 176 KiB x 50,000 = 9.0 GB.
-      cache_teacher=False,
-      # With num_seeds > 1: True trains one stage 1 (seed `seed`) and starts every
-      # seed's stage 2 from it, as the paper's Algorithm 1 and Table 1 do (the
-      # spread then excludes stage-1 variance); False gives each seed its own.
-      shared=False,
-  ))
-
-  # FitNet (Romero et al.) stage 1: a student layer regressed onto a teacher layer.
-  config.fitnet = ml_collections.ConfigDict(dict(
-      hint_feature="section2",  # the teacher's feature (name or index): the middle.
-      guided_feature="section2",  # the student's feature.
-      regressor_kernel=1,  # the regressor convolution's kernel size.
-      pool="max",  # where hint and guided maps differ in spatial size.
-      # The paper's FitNet baseline: 35k iterations, LR 1e-4, 1e-5 after 25k.
-      schedule=schedule(35000, (1e-4, 1e-5), (25000,)),
-  ))
-
-  # Hinton KD, the term FitNet's stage 2 (and the 'kd' method) adds to cross-entropy:
-  # weight * KL(softmax(teacher/T) || softmax(student/T)); the paper's FitNet: T = 3,
-  # weight decaying linearly from 4 to 1 over the stage.
-  config.kd = ml_collections.ConfigDict(dict(
-      temperature=3.0,
-      weight=4.0,
-      final_weight=1.0,  # None keeps `weight` constant.
-      scale_by_t_squared=False,  # Hinton et al. multiply by T^2.
-  ))
+  # Each built-in method's section with its defaults: config.fsp (stage 1's FSP loss
+  # and schedule), config.fitnet, config.kd (fsp_jax/methods/<name>.py).
+  for method in methods.BUILTIN:
+    for section in (method.section,) + tuple(o.section for o in method.objectives):
+      if section not in config:
+        config[section] = next(m for m in methods.BUILTIN
+                               if m.section == section).default_section()
 
   # Extra runs for comparison: 'scratch' (the student architecture trained from random
   # weights with the student's schedule), 'teacher_short' (the teacher architecture
@@ -205,12 +152,13 @@ def apply_smoke(config):
   config.teacher.pretrained = ""
   config.teacher.num_classes = 0
   config.teacher.checkpoint = ""
-  config.fsp.checkpoint = ""
-  for section, steps, lrs, bounds in (
-      (config.teacher, 12, (0.1, 0.01), (8,)), (config.fsp, 8, (1e-3,), ()),
-      (config.student, 8, (0.1, 0.01), (5,)), (config.fitnet, 8, (1e-4,), ())):
+  for section, steps, lrs, bounds in ((config.teacher, 12, (0.1, 0.01), (8,)),
+                                      (config.student, 8, (0.1, 0.01), (5,))):
     section.schedule = schedule(steps, lrs, bounds, batch_size=32,
                                 augment=section.schedule.augment)
+  for method in methods.registered():  # Each method's stage 1 in a few steps.
+    if method.smoke is not None and method.section in config:
+      method.smoke(config[method.section])
   config.eval_batch_size = 120
   config.eval_every = 4
   config.log_every = 4
@@ -222,9 +170,9 @@ def apply_method(config, method: str):
   """One distillation method instead of the config's: its stage 1 and stage 2 alone
   (no baselines), e.g. the FitNet rows of the paper's tables with `method='fitnet'`;
   the teacher is the config's (reuse it with `--config.teacher.checkpoint`)."""
-  methods = ("fsp", "fitnet", "kd")
-  if method not in methods:
-    raise ValueError(f"config argument method={method!r}: choose one of {methods}.")
+  names = tuple(m.name for m in methods.registered())
+  if method not in names:
+    raise ValueError(f"config argument method={method!r}: choose one of {names}.")
   if tuple(config.methods) != (method,):
     config.methods = (method,)
     config.baselines = ()

@@ -140,7 +140,8 @@ def run_one(args, run: GridRun) -> bool:
       if "fsp" not in metrics.read_results(run_dir):
         exp = stages.setup(run.config, run_dir)
         stage = next(s for s in exp.stages if s.name == "fsp")
-        metrics.write_results(run_dir, {"fsp": train.train_and_evaluate(exp, stage)})
+        metrics.write_results(run_dir, {
+            "fsp": train.train_and_evaluate(stages.resolve(exp, stage))})
     else:
       train.run(run.config, run_dir)
   except FloatingPointError as e:  # A finding, not a crash.

@@ -1,5 +1,5 @@
 """Orbax checkpoints of a stage: `model` (params, batch_stats), `optimizer`, `meta`,
-plus `distiller` (a FitNet regressor, FSP adapters) in stages whose objective has
+plus `distiller` (a regressor, channel adapters) in stages whose objective has
 learned parameters.
 
 Keeping the model weights as their own item lets the next stage (or a teacher restore)

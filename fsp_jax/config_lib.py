@@ -4,7 +4,7 @@ The shipped configs are the package `fsp_jax.configs` (the repository's top-leve
 `configs/` folder, installed with the package): `--config cifar10_minimization` loads
 `fsp_jax/configs/cifar10_minimization.py` wherever the package is installed. As in
 big_vision, a config's `get_config(arg)` takes a string after the colon,
-`'method=fitnet,smoke'`, which it reads with `parse_arg`.
+`'method=kd,smoke'`, which it reads with `parse_arg`.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
   """A config argument `'key=value,flag'` as a ConfigDict over `defaults`.
 
   Values take the type of their default (bool, int, float, str); a bare `flag` sets
-  a bool to True. E.g. `parse_arg('method=fitnet,smoke', method='fsp', smoke=False)`
-  -> `{'method': 'fitnet', 'smoke': True}`. Unknown keys are an error naming the known.
+  a bool to True. E.g. `parse_arg('method=kd,smoke', method='fsp', smoke=False)`
+  -> `{'method': 'kd', 'smoke': True}`. Unknown keys are an error naming the known.
   """
   out = ml_collections.ConfigDict(dict(defaults))
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
@@ -50,6 +50,22 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
         raise ConfigError(f"config argument {item!r}: {key} takes a {kind.__name__}."
                          ) from None
   return out
+
+
+def schedule(num_steps, learning_rates, boundaries, batch_size=128, momentum=0.9,
+             weight_decay=1e-4, augment=True, eval_every=-1, warmup_steps=0):
+  """One stage's optimisation: SGD with momentum, piecewise-constant learning rate.
+
+  eval_every: test-set evaluations every this many steps of the stage; -1 takes the
+  config's `eval_every`, 0 evaluates only at the end.
+  warmup_steps: the learning rate rises linearly over the first this many steps
+  (scaled with the schedule; 0 = none, the paper).
+  """
+  return ml_collections.ConfigDict(dict(
+      num_steps=num_steps, learning_rates=tuple(learning_rates),
+      boundaries=tuple(boundaries), batch_size=batch_size, momentum=momentum,
+      weight_decay=weight_decay, augment=augment, eval_every=eval_every,
+      warmup_steps=warmup_steps))
 
 
 def names() -> List[str]:

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True,
                    help="a shipped config's name, with an optional argument "
                         "(NAME[:ARG], e.g. cifar10_minimization, quickstart:smoke, "
-                        "cifar10_minimization:method=fitnet), or a config file's path "
+                        "cifar10_minimization:method=kd), or a config file's path "
                         "on the hosts (PATH.py[:ARG])")
     p.add_argument("--workdir", required=True,
                    help="absolute path on storage shared by all hosts")

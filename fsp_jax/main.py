@@ -2,7 +2,7 @@
 
 `--config` takes a shipped config's name (`cifar10_minimization`), or a path to a
 config file, with an optional argument after a colon (`cifar10_minimization:method=
-fitnet`, `quickstart:smoke`); without it, the quickstart runs. Override any config
+kd`, `quickstart:smoke`); without it, the quickstart runs. Override any config
 field with `--config.FIELD=VALUE`, e.g. `--config.student.schedule.num_steps=1000`.
 
 Several hosts: run the same command on every host with `--distributed` (Cloud TPU
@@ -225,8 +225,9 @@ def _run(jax, train, metrics) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:  # Every setting, in seconds, before JAX starts.
-    validation.check_config(FLAGS.config)
+  try:  # Every setting, in seconds, before any device starts.
+    from fsp_jax import methods
+    validation.check_config(FLAGS.config, methods.for_config(FLAGS.config))
   except validation.ConfigError as e:
     if FLAGS.debug:
       raise

@@ -28,13 +28,12 @@ from typing import Any, Dict, List
 
 import jax
 
-from fsp_jax import checkpoints
+from fsp_jax import checkpoints, methods
 from fsp_jax.validation import ConfigError
 
 JSONL = "metrics.jsonl"
 RESULTS = "results.json"
 log = logging.getLogger("fsp_jax")
-_LABELS = {"fsp": "FSP", "hint": "FitNet hints", "kd": "KD"}
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
@@ -56,8 +55,8 @@ def tensorboard_tag(key: str, kind: str = "classify") -> str:
 
   Args:
     key: a metrics.jsonl key other than 'step'.
-    kind: the stage kind, 'classify' or a stage 1's distiller ('fsp', 'hint'), whose
-      training loss is that distiller's loss ('train/fsp_loss').
+    kind: the stage kind, 'classify' or a stage 1's objective ('fsp'), whose
+      training loss is that objective's loss ('train/fsp_loss').
   """
   if key.startswith("test_"):
     return "test/" + key[len("test_"):]
@@ -212,7 +211,7 @@ def summary(result: Dict[str, Any]) -> str:
     return f"test accuracy {acc} after {result['steps']} steps, {result['wall_time_s']:.0f} s"
   key = next((k for k in result if k.startswith("test_") and k.endswith("_loss")),
              "test_loss")
-  name = _LABELS.get(key[len("test_"):-len("_loss")], key)
+  name = methods.objective_label(key[len("test_"):-len("_loss")])
   over = f" (mean of {seeds} seeds)" if seeds > 1 else ""
   return (f"test {name} loss {result.get(key, float('nan')):.4g}{over} after "
           f"{result['steps']} steps, {result['wall_time_s']:.0f} s")
@@ -222,12 +221,11 @@ def results_table(results: Dict[str, Any]) -> str:
   """A small text table: each classification stage's final test accuracy (with
   several seeds: mean ± std over seeds, and the ensemble's)."""
   labels = {"teacher": "teacher", "teacher_short": "teacher, student's schedule",
-            "scratch": "student from scratch", "student": "FSP student (stage 2)",
-            "fitnet": "FitNet student (stage 2, KD)", "kd": "student with Hinton KD"}
+            "scratch": "student from scratch", **methods.stage_labels()}
   seeds = any("ensemble_test_accuracy" in r for r in results.values())
   rows = [("run", "model", "steps", "test acc %") + (("ensemble %",) if seeds else ())
           + ("time s",)]
-  order = ("teacher", "student", "fitnet", "kd", "scratch", "teacher_short")
+  order = ("teacher",) + methods.stage_order() + ("scratch", "teacher_short")
   for name, r in sorted(results.items(), key=lambda kv: (
       order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
     if "test_accuracy" not in r:

@@ -26,13 +26,21 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fsp_jax import metrics
+from fsp_jax import methods, metrics
 
-STAGE_LABELS = {"teacher": "teacher", "student": "FSP student (stage 2)",
-                "scratch": "student from scratch",
+# The baselines' and the teacher's; each method's students come from fsp_jax.methods.
+STAGE_LABELS = {"teacher": "teacher", "scratch": "student from scratch",
                 "teacher_short": "teacher, student's schedule"}
-STAGE_COLORS = {"teacher": "tab:gray", "student": "tab:red", "scratch": "tab:blue",
+STAGE_COLORS = {"teacher": "tab:gray", "scratch": "tab:blue",
                 "teacher_short": "tab:green", "fsp": "tab:purple"}
+
+
+def _label(stage: str) -> str:
+  return {**methods.stage_labels(), **STAGE_LABELS}.get(stage, stage)
+
+
+def _color(stage: str):
+  return {**methods.stage_colors(), **STAGE_COLORS}.get(stage)
 LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -44,7 +52,7 @@ def _pyplot():
 
 def stage_names(workdir: str) -> List[str]:
   """Stage directories of `workdir` that hold metrics, in the order they ran."""
-  order = ["teacher", "fsp", "student", "scratch", "teacher_short"]
+  order = ["teacher", *methods.stage_order(), "scratch", "teacher_short"]
   found = [d for d in sorted(os.listdir(workdir))
            if os.path.exists(os.path.join(workdir, d, metrics.JSONL))]
   return sorted(found, key=lambda d: (order.index(d) if d in order else len(order), d))
@@ -96,10 +104,10 @@ def plot_accuracy(workdirs: Sequence[str], path: Optional[str] = None):
       # Several seeds in one run: each seed a thin line, their mean the marked one.
       for seed_xy in seed_curves(workdir, stage, "test_accuracy").values():
         ax_acc.plot(seed_xy[:, 0], 100 * seed_xy[:, 1], style, linewidth=0.7,
-                    alpha=0.45, color=STAGE_COLORS.get(stage))
+                    alpha=0.45, color=_color(stage))
       ax_acc.plot(xy[:, 0], 100 * xy[:, 1], style, marker="o", markersize=3,
-                  color=STAGE_COLORS.get(stage),
-                  label=prefix + STAGE_LABELS.get(stage, stage))
+                  color=_color(stage),
+                  label=prefix + _label(stage))
     for key, marker, what in (("loss", None, "train"), ("test_fsp_loss", "o", "test")):
       xy = curves(workdir, key).get("fsp")
       if xy is not None:

@@ -1,8 +1,12 @@
-"""Stage planning and the handing over of weights between stages.
+"""Stage planning, each stage resolved once, and the handing over of weights.
 
-An experiment is a row of stages: the teacher, then per distillation method a stage 1
-(FSP, FitNet hints) and a stage 2 (main task; FitNet's with Hinton KD), then the
-baselines. Each stage writes under `WORKDIR/<stage>/`: Orbax checkpoints,
+An experiment is a row of stages: the teacher, then the stages of each distillation
+method (`fsp_jax.methods`: a method-only stage 1 and a main-task stage, or the
+main-task stage alone with the method's term), then the baselines. `plan_stages`
+gives the row (`Stage`s), `setup` checks it all and loads the data and networks, and
+`resolve` turns one planned stage into a `StageSetup`: everything its training loop
+needs (networks, objective, seeds, optimizer, data feed, folder), so the loop
+(`train.train_and_evaluate`) reads no config. Each stage writes under `WORKDIR/<stage>/`: Orbax checkpoints,
 `metrics.jsonl`, TensorBoard events and `stage.json`, which holds the stage's
 fingerprint: a workdir made by another experiment is refused before anything is written.
 
@@ -16,19 +20,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fsp_jax import checkpoints, data, distillers, models, validation
+from fsp_jax import checkpoints, data, methods, models, optim, validation
 from fsp_jax.validation import ConfigError
 
 BASELINES = validation.BASELINES
-# Distillation methods (config.methods) and the stages each runs.
-METHODS = ("fsp", "fitnet", "kd")
 ROLE_SEED = {"teacher": 0, "student": 1}
 DISTILLER_SEED = 2
 # Data settings that never change the data (where decoded images are cached).
@@ -41,15 +43,17 @@ class Stage:
 
   Attributes:
     name: directory and results key ('teacher', 'fsp', 'student', 'scratch', ...).
-    kind: 'classify' (cross-entropy on labels) or the distiller of a stage 1 ('fsp',
-      'hint'), whose objective alone is trained (no labels).
+    kind: 'classify' (cross-entropy on labels) or the objective of a method-only
+      stage 1 ('fsp', 'hint'), trained alone (no labels).
     role: which architecture it trains: 'teacher' or 'student'.
     schedule: the stage's optimisation config (steps already scaled).
     init_from: the stage (name, or a stage directory path) whose final weights
       initialise this one, or None (random initialisation).
-    distill: a distiller whose term is added to a 'classify' stage's cross-entropy
-      ('kd'), or None.
+    distill: the objective whose term is added to a 'classify' stage's
+      cross-entropy ('kd'), or None.
     schedule_field: the config field `schedule` comes from (for error messages).
+    method: the `fsp_jax.methods` method whose stage it is, or None (the teacher,
+      the baselines).
   """
   name: str
   kind: str
@@ -58,11 +62,21 @@ class Stage:
   init_from: Optional[str] = None
   distill: Optional[str] = None
   schedule_field: str = "student.schedule"
+  method: Optional[str] = None
 
   @property
-  def distiller_name(self) -> Optional[str]:
-    """The distiller the stage trains with (its objective or added term), or None."""
+  def objective_name(self) -> Optional[str]:
+    """The objective the stage trains with (alone or as a term), or None."""
     return self.kind if self.kind != "classify" else self.distill
+
+  @property
+  def is_stage_one(self) -> bool:
+    """A method-only stage 1 (its objective alone, no labels)."""
+    return self.kind != "classify"
+
+  def method_section(self, config):
+    """The config section of the stage's method, or None."""
+    return config[methods.get(self.method).section] if self.method else None
 
 
 def scaled_schedule(schedule: ml_collections.ConfigDict, scale: float):
@@ -77,7 +91,9 @@ def scaled_schedule(schedule: ml_collections.ConfigDict, scale: float):
 
 def plan_stages(config) -> List[Stage]:
   """The stages a config asks for, in the order they run."""
-  validation.check_config(config, METHODS)
+  chosen = methods.for_config(config)  # Refuses unknown method names.
+  methods.complete(config)
+  validation.check_config(config, chosen)  # Every setting, before anything else.
   scale = config.schedule_scale
   student = scaled_schedule(config.student.schedule, scale)
   stages = []
@@ -89,30 +105,22 @@ def plan_stages(config) -> List[Stage]:
                         schedule_field="teacher.schedule"))
   if config.teacher_only:
     return stages
-  if ("fsp" in config.methods and config.fsp.cache_teacher
-      and config.fsp.schedule.augment and not config.fsp.checkpoint):
-    raise ConfigError(
-        "config.fsp.cache_teacher=True needs un-augmented stage-1 inputs (the "
-        "teacher's FSP matrices are cached per training example), but "
-        "fsp.schedule.augment is True. Set config.fsp.schedule.augment=False (the "
-        "paper's CIFAR-100 setting) or config.fsp.cache_teacher=False.")
-  if "fsp" in config.methods:
-    stage_one = "fsp"
-    if config.fsp.checkpoint:
-      stage_one = os.path.abspath(config.fsp.checkpoint)
-    else:
-      stages.append(Stage("fsp", "fsp", "student",
-                          scaled_schedule(config.fsp.schedule, scale),
-                          schedule_field="fsp.schedule"))
-    stages.append(Stage("student", "classify", "student", student, init_from=stage_one))
-  if "fitnet" in config.methods:
-    stages.append(Stage("fitnet_hint", "hint", "student",
-                        scaled_schedule(config.fitnet.schedule, scale),
-                        schedule_field="fitnet.schedule"))
-    stages.append(Stage("fitnet", "classify", "student", student,
-                        init_from="fitnet_hint", distill="kd"))
-  if "kd" in config.methods:
-    stages.append(Stage("kd", "classify", "student", student, distill="kd"))
+  for method in chosen:
+    section = config[method.section]
+    start = None
+    if method.stage_one is not None:
+      if section.get("checkpoint"):  # A finished stage 1 from elsewhere.
+        start = os.path.abspath(section.checkpoint)
+      else:
+        stages.append(Stage(method.stage_one_name, method.stage_one.name, "student",
+                            scaled_schedule(section.schedule, scale),
+                            schedule_field=f"{method.section}.schedule",
+                            method=method.name))
+        start = method.stage_one_name
+    stages.append(Stage(method.student_stage, "classify", "student", student,
+                        init_from=start,
+                        distill=method.term.name if method.term is not None else None,
+                        method=method.name))
   if "scratch" in config.baselines:
     stages.append(Stage("scratch", "classify", "student", student))
   if "teacher_short" in config.baselines:
@@ -146,13 +154,14 @@ class Experiment:
   def replicated(self) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
-  def distiller(self, stage: Stage):
-    """The stage's distiller (`fsp_jax.distillers`), or None."""
-    if stage.distiller_name is None:
+  def objective(self, stage: Stage):
+    """The objective the stage trains with (`fsp_jax.methods`), or None."""
+    if stage.method is None or stage.objective_name is None:
       return None
-    return distillers.build(stage.distiller_name, self.config,
-                            self.networks["student"].feature_names,
-                            stage.schedule.num_steps)
+    cls = methods.objective_of(methods.get(stage.method), stage.kind)
+    return methods.build_objective(cls, self.config,
+                                   self.networks["student"].feature_names,
+                                   stage.schedule.num_steps)
 
 
 def build_network(config, role: str, dataset: data.Dataset) -> models.Network:
@@ -162,7 +171,7 @@ def build_network(config, role: str, dataset: data.Dataset) -> models.Network:
   a model by import path (`PKG.MODULE:NAME`, docs/own_models.md) gives the outputs of
   the layers `config.<role>.features` names. Where teacher and student name their
   features differently, the teacher's are keyed by the student's names, position by
-  position (`feature_keys`), so `fsp_pairs` and FitNet's layers name the student's.
+  position (`feature_keys`), so the methods' layer settings name the student's.
   """
   spec = config[role]
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
@@ -174,7 +183,8 @@ def build_network(config, role: str, dataset: data.Dataset) -> models.Network:
       and uses_features(config)):
     raise ConfigError(
         f"{role}.model={spec.model!r} is given by import path but names no features: "
-        "give the layers whose outputs FSP/FitNet pair, in network order, e.g. "
+        "give the layers whose outputs the distillation methods read, in network "
+        "order, e.g. "
         f"config.{role}.features=\"('stem','block1','block2','block3')\".")
   keys = ()
   if role == "teacher":
@@ -201,9 +211,9 @@ def own_feature_names(config, role: str):
 
 
 def uses_features(config) -> bool:
-  """Whether some stage pairs teacher and student features (FSP, FitNet)."""
+  """Whether some stage reads teacher and student features (not only logits)."""
   return (not config.teacher_only
-          and bool({"fsp", "fitnet"} & set(config.methods)))
+          and any(m.reads_features for m in methods.for_config(config)))
 
 
 def _teacher_feature_keys(config, teacher_names, student_names):
@@ -215,7 +225,7 @@ def _teacher_feature_keys(config, teacher_names, student_names):
     if uses_features(config):
       raise ConfigError(
           f"teacher features {tuple(teacher_names)} and student features "
-          f"{tuple(student_names)} differ in number; FSP and FitNet pair them by "
+          f"{tuple(student_names)} differ in number; the methods pair them by "
           "position: name as many layers on each side (config teacher.features, "
           "student.features).")
     return ()
@@ -291,7 +301,7 @@ def setup(config, workdir: str) -> Experiment:
   for stage in stages:
     check_stage_dir(exp, stage)
   # A missing or misfitting checkpoint from elsewhere fails before anything is written.
-  if config.teacher.checkpoint and any(s.distiller_name for s in stages):
+  if config.teacher.checkpoint and any(s.objective_name for s in stages):
     teacher_variables(exp)
   for stage in stages:
     if stage.init_from and os.path.isabs(stage.init_from):
@@ -316,10 +326,10 @@ def check_pairings(exp: Experiment) -> None:
   s_logits, s_feats = network_outputs(exp.networks["student"], shape)
   cfg = exp.config
   for stage in exp.stages:
-    if stage.distiller_name is None:
+    if stage.objective_name is None:
       continue
     try:
-      distiller = exp.distiller(stage)
+      distiller = exp.objective(stage)
       params = jax.eval_shape(lambda: distiller.init(jax.random.PRNGKey(0), t_feats,
                                                      s_feats))
       targets = jax.eval_shape(distiller.teacher_targets, t_logits, t_feats)
@@ -344,9 +354,10 @@ SEED_AXES = validation.SEED_AXES
 
 def seeds_of(config, stage: Stage) -> List[int]:
   """The seeds a stage trains: `config.seed` for the teacher and for a stage 1 shared
-  by every seed (`fsp.shared`), `seed .. seed + N - 1` (`config.num_seeds`) for every
-  other stage after the teacher, in one program."""
-  if stage.name == "teacher" or (stage.kind == "fsp" and config.fsp.shared):
+  by every seed (`<method>.shared`, e.g. `fsp.shared`), `seed .. seed + N - 1`
+  (`config.num_seeds`) for every other stage after the teacher, in one program."""
+  if stage.name == "teacher" or (stage.is_stage_one
+                                 and stage.method_section(config).get("shared")):
     return [config.seed]
   return list(range(config.seed, config.seed + config.num_seeds))
 
@@ -358,16 +369,20 @@ def stage_seeds(exp: Experiment, stage: Stage) -> List[int]:
 
 def input_pipeline(config, stage: Stage) -> str:
   """'host' or 'device' (`config.data.pipeline`; 'auto': 'device' on accelerators,
-  'host' on CPUs, by measurement: docs/performance.md). The teacher-FSP cache is
-  gathered on the host."""
+  'host' on CPUs, by measurement: docs/performance.md). A stage 1 whose teacher
+  targets are cached (`<method>.cache_teacher`) reads them on the host."""
   choice = config.data.pipeline
-  if choice not in ("auto", "host", "device"):
-    raise ConfigError(f"data.pipeline={choice!r} is not 'auto', 'host' or 'device'.")
-  if stage.kind == "fsp" and config.fsp.cache_teacher:
+  if caches_teacher(config, stage):
     return "host"
   if choice == "auto":
     return "host" if jax.default_backend() == "cpu" else "device"
   return choice
+
+
+def caches_teacher(config, stage: Stage) -> bool:
+  """Whether a stage 1 takes its teacher targets from a per-example cache computed
+  once (`config.<method>.cache_teacher`) instead of running the teacher every step."""
+  return stage.is_stage_one and bool(stage.method_section(config).get("cache_teacher"))
 
 
 def _stack(trees):
@@ -391,7 +406,7 @@ def random_variables(exp: Experiment, role: str, seeds: Optional[List[int]] = No
 
 
 def initial_distiller_params(exp: Experiment, stage: Stage, distiller):
-  """The distiller's own initial parameters (`{}` for most stages), replicated."""
+  """The objective's own initial parameters (`{}` for most stages), replicated."""
   if distiller is None:
     return {}
   shape = exp.dataset.image_shape
@@ -490,14 +505,13 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
     out["num_classes"] = config.teacher.num_classes
   if stage.name == "teacher" and config.teacher.pretrained:
     out["pretrained"] = os.path.abspath(config.teacher.pretrained)
-  if stage.kind == "fsp":
-    out["fsp"] = {k: config.fsp[k] for k in ("fsp_pairs", "weights", "pool", "reduction",
-                                             "adapter")}
-  if stage.kind == "hint":
-    out["fitnet"] = {k: v for k, v in config.fitnet.to_dict().items() if k != "schedule"}
-  if stage.distill:
-    out["distill"] = {"method": stage.distill, **config[stage.distill].to_dict()}
-  if stage.distiller_name:
+  if stage.method is not None:  # What the method's objective adds.
+    method = methods.get(stage.method)
+    if stage.is_stage_one:
+      out.update(method.stage_one.fingerprint(config[method.stage_one.section], False))
+    if stage.distill:
+      out.update(method.term.fingerprint(config[method.term.section], True))
+  if stage.objective_name:
     out["teacher"] = _teacher_fingerprint(config, stages)
   by_name = {s.name: s for s in stages}
   if stage.init_from in by_name:
@@ -542,62 +556,46 @@ def check_stage_dir(exp: Experiment, stage: Stage) -> None:
         "that directory to start the stage over.")
 
 
-def _multiple_near(value: int, k: int, at_most: int) -> int:
-  """The multiple of `k` nearest above `value`, or below where that exceeds `at_most`."""
-  up = -(-value // k) * k
-  return up if up <= at_most or value < k else value // k * k
-
-
 def check_batches(exp: Experiment) -> None:
   """Fails before the first stage where a batch cannot be split over the devices or
-  is larger than the training set (data.train_batches, data.eval_batches would only
-  fail when that stage starts, after the stages before it trained)."""
+  is larger than the training set (the data pipeline would only fail when that stage
+  starts, after the stages before it trained)."""
   n_dev = exp.mesh.devices.size
-  n_train = len(exp.dataset.train_labels)
   for stage in exp.stages:
-    field, bs = f"{stage.schedule_field}.batch_size", stage.schedule.batch_size
-    if bs > n_train:
-      raise ConfigError(
-          f"{field}={bs} exceeds the {n_train} training examples of "
-          f"{exp.dataset.name}; set config.{field} to at most {n_train} (stage "
-          f"{stage.name!r}).")
-    if bs % n_dev:
-      raise ConfigError(
-          f"{field}={bs} is not divisible by the {n_dev} devices the batch is split "
-          f"over (stage {stage.name!r}); set config.{field}="
-          f"{_multiple_near(bs, n_dev, n_train)}.")
-  bs = exp.config.eval_batch_size
-  if bs % n_dev:
-    raise ConfigError(f"eval_batch_size={bs} is not divisible by the {n_dev} devices; "
-                     f"set config.eval_batch_size={-(-bs // n_dev) * n_dev}.")
+    validation.check_batch_size(
+        stage.schedule.batch_size, n_dev, len(exp.dataset.train_labels),
+        f"{stage.schedule_field}.batch_size", dataset=exp.dataset.name,
+        stage=stage.name)
+  validation.check_batch_size(exp.config.eval_batch_size, n_dev,
+                              field="eval_batch_size")
 
 
 def teacher_cache_bytes(exp: Experiment, stage: Stage) -> int:
-  """Host bytes of the teacher's cached targets (`config.fsp.cache_teacher`) for every
-  training example of `stage`: float32, what the distiller takes from the teacher."""
+  """Host bytes of the teacher's cached targets (`config.<method>.cache_teacher`) for
+  every training example of `stage`: float32, what its objective takes from the
+  teacher."""
   shape = exp.dataset.image_shape
   t_logits, t_feats = network_outputs(exp.networks["teacher"], shape)
-  targets = jax.eval_shape(exp.distiller(stage).teacher_targets, t_logits, t_feats)
+  targets = jax.eval_shape(exp.objective(stage).teacher_targets, t_logits, t_feats)
   per_example = sum(int(np.prod(t.shape[1:])) for t in jax.tree.leaves(targets)) * 4
   return len(exp.dataset.train_labels) * per_example
 
 
 def check_teacher_cache(exp: Experiment, stage_list=None) -> None:
-  """Fails where the FSP stage's teacher cache cannot fit in 80% of the host memory
-  free now: before the teacher trains, and again when the FSP stage starts."""
-  if not exp.config.fsp.cache_teacher:
-    return
+  """Fails where a stage 1's teacher cache cannot fit in 80% of the host memory free
+  now: before the teacher trains, and again when that stage starts."""
   available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   for stage in (exp.stages if stage_list is None else stage_list):
-    if stage.kind != "fsp":
+    if not caches_teacher(exp.config, stage):
       continue
     nbytes = teacher_cache_bytes(exp, stage)
     if nbytes > 0.8 * available:
+      field = f"{methods.get(stage.method).section}.cache_teacher"
       raise ConfigError(
-          f"config.fsp.cache_teacher=True needs {nbytes / 2**30:.1f} GiB of host "
-          f"memory for the teacher's FSP matrices, but only {available / 2**30:.1f} GiB "
-          "are free. Set config.fsp.cache_teacher=False (the teacher is then "
-          "recomputed every step).")
+          f"config.{field}=True needs {nbytes / 2**30:.1f} GiB of host memory for the "
+          f"teacher's targets of every training example, but only "
+          f"{available / 2**30:.1f} GiB are free. Set config.{field}=False (the "
+          "teacher is then recomputed every step).")
 
 
 def check_pretrained(exp: Experiment) -> None:
@@ -632,3 +630,187 @@ def check_disk_space(exp: Experiment) -> None:
   """Warns (one line) before anything runs where the workdir's disk looks too small
   for the run's checkpoints; the run still starts (a full disk stops it cleanly)."""
   checkpoints.warn_if_short_of_space(exp.workdir, checkpoint_bytes(exp))
+
+
+# ---- a stage resolved once: what its training loop needs -----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+  """How a stage's training inputs reach the devices, as pure functions of (seed, step).
+
+  Attributes:
+    dataset: the data set in host memory.
+    mesh: the devices the global batch is sharded over.
+    batch_size: the global batch (per seed).
+    seeds: the seeds trained side by side, each its own data order.
+    pipeline: 'host' (batches made by NumPy, prefetched) or 'device' (the training set
+      on the devices, batches gathered and augmented by jitted ops).
+    augment: the stage's augmentation (`data.Augment`).
+    steps_per_call: training steps per jitted call.
+    stops: steps that end a call where they are multiples (log, evaluation and
+      checkpoint intervals).
+  """
+  dataset: data.Dataset
+  mesh: jax.sharding.Mesh
+  batch_size: int
+  seeds: Tuple[int, ...]
+  pipeline: str
+  augment: data.Augment
+  steps_per_call: int
+  stops: Tuple[int, ...]
+
+  @property
+  def one_step(self) -> bool:
+    """One step per call of one seed from the host: the plain `train.train_step`."""
+    return (self.pipeline == "host" and self.steps_per_call == 1
+            and len(self.seeds) == 1)
+
+  @property
+  def device_batch(self):
+    """`(augment, mesh)` with which `train.train_steps` gathers batches on the
+    devices, or None (host batches)."""
+    return (self.augment, self.mesh) if self.pipeline == "device" else None
+
+  def train_data(self):
+    """The training set sharded over the mesh (device pipeline), else None."""
+    if self.pipeline != "device":
+      return None
+    return data.device_train_data(self.dataset, self.mesh)
+
+  def calls(self, start: int, total: int, extras=None):
+    """Yields `(lo, hi, inputs)` for steps `start..total-1`: the batch of one step
+    (`one_step`), else what `train.train_steps` takes for steps lo..hi-1. `extras`:
+    per-example host arrays gathered into every batch (a teacher cache)."""
+    if self.one_step:
+      for step, batch in data.train_batches(
+          self.dataset, self.mesh, self.batch_size, self.seeds[0], start, total,
+          augment=self.augment, extras=extras):
+        yield step, step + 1, batch
+      return
+    yield from data.train_calls(
+        self.dataset, self.mesh, self.batch_size, list(self.seeds),
+        data.call_ranges(start, total, self.steps_per_call, self.stops),
+        device=self.pipeline == "device", augment=self.augment, extras=extras)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSetup:
+  """One stage resolved: everything `train.train_and_evaluate` needs, no config.
+
+  Attributes:
+    stage: the planned stage (name, kind, role, scaled schedule, init_from).
+    folder: its directory, `WORKDIR/<name>`.
+    fingerprint: what its directory's `stage.json` must hold to be resumed.
+    model: the name of the model it trains (for logs and results).
+    network: the network it trains.
+    teacher: the frozen teacher's network where its objective reads it, else None.
+    objective: what it trains besides the labels (`fsp_jax.methods`), or None.
+    use_labels: cross-entropy on the labels (a main-task stage) or not (a stage 1).
+    caches_teacher: the teacher's targets computed once per training example.
+    seeds: the seeds it trains side by side.
+    seed_axis: how the seeds share the program ('vmap' or 'unrolled'; 'auto').
+    learning_rate_fn: the learning rate of each step.
+    optimizer: the optax optimizer.
+    learning_rates_field: the config field of its learning rates (error messages).
+    feed: its training inputs.
+    start: where its weights start, for the log ('' = random initialisation).
+    initial_variables: `() -> variables` where its weights start.
+    initial_objective_params: `() -> params` of its objective's own parameters.
+    teacher_variables: `() -> variables` of the frozen teacher, or None.
+    check_teacher_cache: `() -> None`, fails where the teacher cache cannot fit.
+    eval_every, eval_examples, eval_batch_size, log_every, checkpoint_every,
+    max_checkpoints_to_keep: the loop's intervals and sizes.
+    dataset, mesh: the data set and the devices.
+  """
+  stage: Stage
+  folder: str
+  fingerprint: Dict[str, Any]
+  model: str
+  network: models.Network
+  teacher: Optional[models.Network]
+  objective: Any
+  use_labels: bool
+  caches_teacher: bool
+  seeds: Tuple[int, ...]
+  seed_axis: str
+  learning_rate_fn: Callable
+  optimizer: Any
+  learning_rates_field: str
+  feed: Feed
+  start: str
+  initial_variables: Callable[[], Any]
+  initial_objective_params: Callable[[], Any]
+  teacher_variables: Optional[Callable[[], Any]]
+  check_teacher_cache: Callable[[], None]
+  eval_every: int
+  eval_examples: int
+  eval_batch_size: int
+  log_every: int
+  checkpoint_every: int
+  max_checkpoints_to_keep: int
+  dataset: data.Dataset
+  mesh: jax.sharding.Mesh
+
+  @property
+  def name(self) -> str:
+    return self.stage.name
+
+  @property
+  def kind(self) -> str:
+    return self.stage.kind
+
+  @property
+  def role(self) -> str:
+    return self.stage.role
+
+  @property
+  def schedule(self):
+    return self.stage.schedule
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+
+def resolve(exp: Experiment, stage: Stage) -> StageSetup:
+  """`stage` of `exp` resolved into what its training loop needs (the one place the
+  config is read for it)."""
+  config, sched = exp.config, stage.schedule
+  objective = exp.objective(stage)
+  seeds = tuple(stage_seeds(exp, stage))
+  lr_fn = optim.create_learning_rate_fn(sched.learning_rates, sched.boundaries,
+                                        sched.warmup_steps)
+  eval_every = config.eval_every if sched.eval_every < 0 else sched.eval_every
+  feed = Feed(exp.dataset, exp.mesh, sched.batch_size, seeds,
+              input_pipeline(config, stage),
+              data.Augment.of(config.data, sched.augment,
+                              crop_size=exp.dataset.crop_size or ()),
+              config.steps_per_call,
+              (config.log_every, eval_every, config.checkpoint_every))
+  start = ""
+  if stage.init_from:
+    start = f"starts from the final weights of stage {stage.init_from!r}"
+  elif stage.name == "teacher" and config.teacher.pretrained:
+    start = f"fine-tunes the weights of {config.teacher.pretrained}"
+  reads_teacher = objective is not None
+  return StageSetup(
+      stage=stage, folder=exp.stage_dir(stage.name),
+      fingerprint=fingerprint(config, stage, list(exp.stages)),
+      model=config[stage.role].model, network=exp.networks[stage.role],
+      teacher=exp.networks["teacher"] if reads_teacher else None,
+      objective=objective, use_labels=stage.kind == "classify",
+      caches_teacher=caches_teacher(config, stage), seeds=seeds,
+      seed_axis=config.seed_axis, learning_rate_fn=lr_fn,
+      optimizer=optim.create_optimizer(lr_fn, sched.momentum, sched.weight_decay),
+      learning_rates_field=f"{stage.schedule_field}.learning_rates", feed=feed,
+      start=start,
+      initial_variables=lambda: initial_variables(exp, stage),
+      initial_objective_params=lambda: initial_distiller_params(exp, stage, objective),
+      teacher_variables=(lambda: teacher_variables(exp)) if reads_teacher else None,
+      check_teacher_cache=lambda: check_teacher_cache(exp, [stage]),
+      eval_every=eval_every, eval_examples=config.eval_examples,
+      eval_batch_size=config.eval_batch_size, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every,
+      max_checkpoints_to_keep=config.max_checkpoints_to_keep,
+      dataset=exp.dataset, mesh=exp.mesh)

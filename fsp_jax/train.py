@@ -2,9 +2,9 @@
 
 One step, `train_step`, serves every stage (the paper's Algorithm 1 and the baselines):
 - main task: softmax cross-entropy on labels (teacher, stage 2, scratch baselines),
-  optionally plus a distiller's term (Hinton KD in FitNet's stage 2);
-- stage 1: a distiller's objective only (FSP's Eq. 2, FitNet's hint), no labels.
-The distiller (`fsp_jax.distillers`) is a parameter: the step does not know which
+  optionally plus a method's term (e.g. Hinton KD);
+- stage 1: a method's objective only (e.g. FSP's Eq. 2), no labels.
+The objective (`fsp_jax.methods`) is a parameter: the step does not know which
 method it runs. The teacher is frozen (an input, never differentiated; BN in inference
 mode).
 
@@ -12,8 +12,9 @@ Data parallelism is `jax.jit` over a `Mesh` with the batch sharded along 'data' 
 state replicated: XLA inserts the gradient all-reduce and computes BatchNorm statistics
 over the global batch (no `axis_name`, no pmap).
 
-`train_and_evaluate(exp, stage)` trains and evaluates one stage, resuming from its
-last checkpoint; `run(config, workdir)` runs (or resumes) every stage of a config. The
+`train_and_evaluate(stage)` trains and evaluates one stage (a `stages.StageSetup`,
+resolved once from the config by `stages.resolve`), resuming from its last
+checkpoint; `run(config, workdir)` runs (or resumes) every stage of a config. The
 data order depends only on the step, so a resumed stage computes what an uninterrupted
 one would. A kill (even SIGKILL, even mid-save) loses at most the steps since the last
 complete checkpoint; SIGTERM and non-finite losses: `fsp_jax.guards`. Several
@@ -37,6 +38,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from fsp_jax import checkpoints, data, guards, metrics, stages
+from fsp_jax.optim import create_learning_rate_fn, create_optimizer  # noqa: F401
 from fsp_jax.validation import ConfigError
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.models import Network
@@ -48,7 +50,7 @@ class TrainState(train_state.TrainState):
   """Optimizer state and BatchNorm running statistics of a stage.
 
   `params` is always `{'student': ..., 'distiller': ...}`: the trained network's
-  parameters and its stage's distiller's own (a FitNet regressor, FSP adapters; `{}`
+  parameters and its stage's objective's own (a regressor, channel adapters; `{}`
   for most stages), trained by one optimizer. `variables` is the network alone, what
   the next stage restores. (The stage's network is the student's, or the teacher's
   for the teacher stage and the `teacher_short` baseline.)
@@ -62,36 +64,6 @@ class TrainState(train_state.TrainState):
   @property
   def distiller_params(self):
     return self.params["distiller"]
-
-
-def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequence[int],
-                            warmup_steps: int = 0) -> Callable[[jax.Array], jax.Array]:
-  """Piecewise-constant learning rate in iterations, as the paper states schedules.
-
-  `learning_rates[k]` holds for `boundaries[k-1] <= step < boundaries[k]`; e.g.
-  (0.1, 0.01, 0.001) with boundaries (32000, 48000). `warmup_steps` W > 0 multiplies
-  the first W steps' rates by (step + 1) / W (a linear warm-up; not in the paper).
-  """
-  if len(learning_rates) != len(boundaries) + 1:
-    raise ConfigError(f"{len(learning_rates)} learning rates need {len(learning_rates) - 1} "
-                     f"boundaries; got {len(boundaries)}.")
-  values = jnp.asarray(learning_rates, jnp.float32)
-  bounds = jnp.asarray(boundaries, jnp.int32)
-
-  def schedule(step):
-    lr = values[jnp.sum(step >= bounds)]
-    if warmup_steps > 0:
-      lr = lr * jnp.minimum(1.0, (step + 1) / warmup_steps)
-    return lr
-  return schedule
-
-
-def create_optimizer(learning_rate_fn, momentum: float,
-                     weight_decay: float) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay added to the gradient (PyTorch's SGD):
-  g' = g + wd * w; v = momentum * v + g'; w = w - lr * v."""
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(learning_rate_fn, momentum=momentum))
 
 
 def create_train_state(network: Network, variables, tx, distiller_params=None) -> TrainState:
@@ -129,7 +101,7 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, student: Net
     teacher_variables: the frozen teacher's `{'params', 'batch_stats'}`, or None.
     student: the network `state` trains.
     teacher: the teacher's network (where a distiller reads it).
-    distiller: a `fsp_jax.distillers` method, or None for plain classification.
+    distiller: a `fsp_jax.methods` objective, or None for plain classification.
     use_labels: add the main-task cross-entropy (False for stage 1).
 
   Returns:
@@ -268,7 +240,8 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
       the device.
     train_data: `(images uint8 (N, H, W, C), labels (N,))` on the device, with
       `device_batch`.
-    device_batch: `data.device_train_batch` keyword arguments as a tuple of pairs, or
+    device_batch: `(augment, mesh)`, the `data.Augment` and mesh with which
+      `data.device_train_batch` gathers each batch (`stages.Feed.device_batch`), or
       None (host batches).
     rolled: the K steps in a `lax.scan` loop, or traced one after the other; None:
       `rolled_loop()`, by backend.
@@ -280,8 +253,9 @@ def train_steps(state: TrainState, inputs, teacher_variables=None, train_data=No
     if device_batch is not None:
       images, labels = train_data
       extras = {k: v for k, v in x.items() if k not in ("indices", "seed", "step")}
+      augment, mesh = device_batch
       x = data.device_train_batch(images, labels, x["indices"], x["seed"], x["step"],
-                                  **dict(device_batch))
+                                  augment, mesh=mesh)
       x.update(extras)  # Per-example inputs gathered on the host (a teacher cache).
     return train_step(st, x, teacher_variables, student=student, teacher=teacher,
                       distiller=distiller, use_labels=use_labels)
@@ -389,9 +363,9 @@ def _seed_results(seeds, values: Dict[str, np.ndarray]) -> Dict[str, Any]:
   return out
 
 
-def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_params=None,
+def evaluate(stage: stages.StageSetup, variables, distiller_params=None,
              teacher_variables=None, examples: int = 0) -> Dict[str, float]:
-  """Test accuracy and loss, or for a stage 1 its objective: `test_<distiller>_loss`.
+  """Test accuracy and loss, or for a stage 1 its objective: `test_<objective>_loss`.
 
   `examples` > 0 (and below the test set's size) evaluates on that many test
   examples, a fixed random subset (the same in every call), and says so in the
@@ -399,17 +373,15 @@ def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_p
   (`variables` with a leading seed axis) gives each metric's mean over seeds, its
   `_std`, a `per_seed` list and, for a classifier, `ensemble_test_accuracy`.
   """
-  images, labels = data.test_split(exp.dataset, examples)
-  bs = exp.config.eval_batch_size
+  images, labels = data.test_split(stage.dataset, examples)
   subset = ({"test_examples": len(labels)}
-            if len(labels) < len(exp.dataset.test_labels) else {})
-  network = exp.networks[stage.role]
-  seeds = stages.stage_seeds(exp, stage)
+            if len(labels) < len(stage.dataset.test_labels) else {})
+  network, seeds = stage.network, stage.seeds
   multi = len(seeds) > 1
   totals = None
-  batches = data.eval_batches(images, labels, exp.mesh, bs)
-  if stage.kind == "classify":
-    step = (_jit_eval_seeds(network, exp.config.seed_axis) if multi
+  batches = data.eval_batches(images, labels, stage.mesh, stage.eval_batch_size)
+  if stage.use_labels:
+    step = (_jit_eval_seeds(network, stage.seed_axis) if multi
             else _jit_eval_classify(network))
     for batch in batches:
       totals = _accumulate(totals, step(variables, batch))
@@ -420,15 +392,14 @@ def evaluate(exp: stages.Experiment, stage: stages.Stage, variables, distiller_p
                                 "test_loss": totals["loss"] / totals["count"]})
     out["ensemble_test_accuracy"] = float(totals["ensemble_correct"] / totals["count"])
     return {**out, **subset}
-  distiller = exp.distiller(stage)
-  teacher = exp.networks["teacher"]
-  step = (_jit_eval_distill_seeds(network, teacher, distiller, len(seeds),
-                                  exp.config.seed_axis) if multi
-          else _jit_eval_distill(network, teacher, distiller))
+  objective = stage.objective
+  step = (_jit_eval_distill_seeds(network, stage.teacher, objective, len(seeds),
+                                  stage.seed_axis) if multi
+          else _jit_eval_distill(network, stage.teacher, objective))
   for batch in batches:
     totals = _accumulate(totals, step(variables, distiller_params or {},
                                       teacher_variables, batch))
-  key = f"{distiller.name}_loss"
+  key = f"{objective.name}_loss"
   if not multi:
     return {f"test_{key}": float(totals[key] / totals["count"]), **subset}
   count = np.asarray(totals["count"]).reshape(-1)[0]
@@ -445,27 +416,27 @@ def predict(network: Network, variables, images: np.ndarray, mesh,
   return np.concatenate(out)[:len(images)]
 
 
-def teacher_target_cache(exp: stages.Experiment, stage: stages.Stage, distiller,
-                         teacher_variables):
-  """`{'teacher_targets': ...}`: the frozen teacher's FSP matrices of every training
-  example (host float32, one `(N, m, n)` array per pair), gathered into each batch by
-  the input pipeline; None unless `config.fsp.cache_teacher` and `stage` is FSP's.
+def teacher_target_cache(stage: stages.StageSetup, teacher_variables):
+  """`{'teacher_targets': ...}`: what the stage's objective takes from the frozen
+  teacher for every training example (host float32 arrays `(N, ...)`, e.g. one
+  `(N, m, n)` per FSP pair), gathered into each batch by the input pipeline; None
+  unless the stage caches the teacher (`config.<method>.cache_teacher`).
 
-  The teacher is in inference mode, so an example's matrices depend on the example
+  The teacher is in inference mode, so an example's targets depend on the example
   only, never on the rest of its batch: with un-augmented inputs they are the same
   every epoch, and computing them once gives the loss that recomputing gives.
   """
-  if stage.kind != "fsp" or not exp.config.fsp.cache_teacher:
+  if not stage.caches_teacher:
     return None
-  ds, bs = exp.dataset, exp.config.eval_batch_size
-  stages.check_teacher_cache(exp, [stage])
-  nbytes = stages.teacher_cache_bytes(exp, stage)
-  targets = jit_teacher_targets(exp.networks["teacher"], distiller)
+  stage.check_teacher_cache()
+  targets = jit_teacher_targets(stage.teacher, stage.objective)
   t0 = time.time()
   cache = data.map_examples(lambda images: targets(teacher_variables, images),
-                            ds.train_images, exp.mesh, bs)
-  log.info("[%s] cached the teacher's FSP matrices of %d training examples "
-           "(%.2f GiB on the host) in %.0f s.", stage.name, len(ds.train_labels),
+                            stage.dataset.train_images, stage.mesh,
+                            stage.eval_batch_size)
+  nbytes = sum(a.nbytes for a in jax.tree.leaves(cache))
+  log.info("[%s] cached the teacher's targets of %d training examples (%.2f GiB on "
+           "the host) in %.0f s.", stage.name, len(stage.dataset.train_labels),
            nbytes / 2**30, time.time() - t0)
   return {"teacher_targets": cache}
 
@@ -488,7 +459,7 @@ def _last_step_metrics(step_metrics, one_step: bool, num_seeds: int) -> Dict[str
   return out
 
 
-def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
+def train_and_evaluate(stage: stages.StageSetup,
                        preemption: Optional[guards.PreemptionWatch] = None
                        ) -> Dict[str, Any]:
   """Trains one stage (resuming from its last checkpoint) and evaluates it.
@@ -497,56 +468,58 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
   metrics (`evaluate`). Raises `guards.Preempted` after saving where `preemption`
   says so, FloatingPointError where the loss or weights stop being finite.
   """
-  cfg, sched = exp.config, stage.schedule
-  stage_dir = exp.stage_dir(stage.name)
-  # stage.json first: no checkpoint exists without the fingerprint of its experiment.
+  # The stage's folder: stage.json first, so that no checkpoint exists without the
+  # fingerprint of its experiment.
   if jax.process_index() == 0:
-    checkpoints.write_stage_info(stage_dir, {
-        "fingerprint": stages.fingerprint(cfg, stage, list(exp.stages))})
+    checkpoints.write_stage_info(stage.folder, {"fingerprint": stage.fingerprint})
   _sync(f"stage.json {stage.name}")
 
-  network = exp.networks[stage.role]
-  distiller = exp.distiller(stage)
-  teacher = exp.networks["teacher"] if distiller is not None else None
-  teacher_variables = stages.teacher_variables(exp) if distiller is not None else None
-  cache = teacher_target_cache(exp, stage, distiller, teacher_variables)
-  variables = stages.initial_variables(exp, stage)
-  if stage.init_from:
-    log.info("[%s] starts from the final weights of stage %r.", stage.name,
-             stage.init_from)
-  elif stage.name == "teacher" and cfg.teacher.pretrained:
-    log.info("[%s] fine-tunes the weights of %s.", stage.name, cfg.teacher.pretrained)
-  lr_fn = create_learning_rate_fn(sched.learning_rates, sched.boundaries,
-                                  sched.warmup_steps)
-  tx = create_optimizer(lr_fn, sched.momentum, sched.weight_decay)
-  distiller_params = stages.initial_distiller_params(exp, stage, distiller)
-  seeds = stages.stage_seeds(exp, stage)
-  create = lambda v, d: create_train_state(network, v, tx, d)  # noqa: E731
-  state = jax.jit(create if len(seeds) == 1 else over_seeds(
-      create, len(seeds), seed_axis=cfg.seed_axis),
-                  out_shardings=exp.replicated)(variables, distiller_params)
+  # The frozen teacher (where the objective reads it) and the initial state.
+  teacher_variables = stage.teacher_variables() if stage.teacher_variables else None
+  cache = teacher_target_cache(stage, teacher_variables)
+  variables = stage.initial_variables()
+  if stage.start:
+    log.info("[%s] %s.", stage.name, stage.start)
+  create = lambda v, d: create_train_state(stage.network, v, stage.optimizer, d)  # noqa: E731
+  if len(stage.seeds) > 1:
+    create = over_seeds(create, len(stage.seeds), seed_axis=stage.seed_axis)
+  state = jax.jit(create, out_shardings=stage.replicated)(
+      variables, stage.initial_objective_params())
 
-  mngr = checkpoints.manager(stage_dir, cfg.max_checkpoints_to_keep)
-  # The newest intact checkpoint (one that cannot be read is moved aside).
+  # Restore: the newest intact checkpoint (one that cannot be read is moved aside).
+  mngr = checkpoints.manager(stage.folder, stage.max_checkpoints_to_keep)
   state, meta, start = checkpoints.restore_latest(mngr, state, stage.name)
   # Wall time of the steps the restored checkpoint holds; steps redone after a kill
   # are not counted twice.
-  wall_before = 0.0
+  wall_before = float(meta.get("wall_time_s", 0.0)) if start else 0.0
   if start:
-    wall_before = float(meta.get("wall_time_s", 0.0))
     log.info("[%s] resumes from its checkpoint at step %d.", stage.name, start)
-  total = sched.num_steps
-  writer = metrics.MetricsWriter(stage_dir, start, kind=stage.kind, final_step=total)
+
+  # The step: one `train_step` per call, or K steps (and several seeds) per call.
+  feed, total = stage.feed, stage.schedule.num_steps
   step_teacher = None if cache is not None else teacher_variables
-  guard = guards.NonFiniteGuard(stage.name, f"{stage.schedule_field}.learning_rates",
-                                stage_dir, exp.replicated)
-  eval_every = cfg.eval_every if sched.eval_every < 0 else sched.eval_every
-  pipeline = stages.input_pipeline(cfg, stage)
+  if feed.one_step:
+    step_fn = jit_train_step(stage.network, stage.teacher, stage.objective,
+                             stage.use_labels)
+    run_call = lambda state, inputs: step_fn(state, inputs, step_teacher)  # noqa: E731
+  else:
+    steps_fn = jit_train_steps(stage.network, stage.teacher, stage.objective,
+                               stage.use_labels, len(stage.seeds), feed.device_batch,
+                               stage.seed_axis)
+    train_data = feed.train_data()
+    run_call = lambda state, inputs: steps_fn(  # noqa: E731
+        state, inputs, step_teacher, train_data)
+
+  writer = metrics.MetricsWriter(stage.folder, start, kind=stage.kind, final_step=total)
+  guard = guards.NonFiniteGuard(stage.name, stage.learning_rates_field, stage.folder,
+                                stage.replicated)
   log.info("[%s] %s of %s (%s), steps %d..%d, batch %d%s.", stage.name, stage.kind,
-           cfg[stage.role].model, stage.role, start, total, sched.batch_size,
-           f", seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else "")
+           stage.model, stage.role, start, total, feed.batch_size,
+           f", seeds {stage.seeds[0]}..{stage.seeds[-1]}" if len(stage.seeds) > 1
+           else "")
   t_stage = time.time()
-  progress = metrics.Progress(stage.name, start, total, sched.batch_size * len(seeds))
+  progress = metrics.Progress(stage.name, start, total,
+                              feed.batch_size * len(stage.seeds))
   last_saved = start
 
   def save(step):
@@ -554,52 +527,24 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
     checkpoints.save(mngr, step, state,
                      {"wall_time_s": wall_before + time.time() - t_stage})
 
+  # The loop: train, log, evaluate, save; a SIGTERM saves and stops.
   try:
-    use_labels = stage.kind == "classify"
-    if pipeline == "host" and cfg.steps_per_call == 1 and len(seeds) == 1:
-      # One step per call from the host pipeline: `train_step` itself.
-      step_fn = jit_train_step(network, teacher, distiller, use_labels)
-      calls = ((step, step + 1, batch) for step, batch in data.train_batches(
-          exp.dataset, exp.mesh, sched.batch_size, cfg.seed, start, total,
-          augment=sched.augment, pad=cfg.data.pad, flip=cfg.data.flip, extras=cache))
-      run_call = lambda state, inputs: step_fn(state, inputs, step_teacher)  # noqa: E731
-    else:
-      device_batch = None
-      train_data = None
-      if pipeline == "device":
-        # The training set sharded over the mesh by examples, batches gathered from it.
-        device_batch = (("augment", bool(sched.augment)), ("pad", int(cfg.data.pad)),
-                        ("flip", bool(cfg.data.flip)),
-                        ("crop_size", tuple(exp.dataset.crop_size or ())),
-                        ("mesh", exp.mesh))
-        train_data = data.device_train_data(exp.dataset, exp.mesh)
-      steps_fn = jit_train_steps(network, teacher, distiller, use_labels, len(seeds),
-                                 device_batch, cfg.seed_axis)
-      calls = data.train_calls(
-          exp.dataset, exp.mesh, sched.batch_size, seeds,
-          data.call_ranges(start, total, cfg.steps_per_call,
-                           (cfg.log_every, eval_every, cfg.checkpoint_every)),
-          device=pipeline == "device", augment=sched.augment, pad=cfg.data.pad,
-          flip=cfg.data.flip, extras=cache)
-      run_call = lambda state, inputs: steps_fn(  # noqa: E731
-          state, inputs, step_teacher, train_data)
-    for lo, done, inputs in calls:
+    for lo, done, inputs in feed.calls(start, total, extras=cache):
       state, step_metrics = run_call(state, inputs)
       guard.track(step_metrics["loss"], done, lo + 1)
       preempted = preemption is not None and preemption.reached()
-      if done % cfg.log_every == 0 or done == total:
+      if done % stage.log_every == 0 or done == total:
         guard.check(mngr, done)
-        record = _last_step_metrics(step_metrics, one_step=done - lo == 1 and
-                                    pipeline == "host" and cfg.steps_per_call == 1
-                                    and len(seeds) == 1, num_seeds=len(seeds))
+        record = _last_step_metrics(step_metrics, one_step=feed.one_step,
+                                    num_seeds=len(stage.seeds))
         images_per_s = progress.update(done, record["loss"])
-        writer.write({"step": done, "learning_rate": float(lr_fn(done - 1)),
-                      "images_per_s": images_per_s, **record})
-      if eval_every and done % eval_every == 0 and done != total:
+        writer.write({"step": done, "learning_rate": float(stage.learning_rate_fn(
+            done - 1)), "images_per_s": images_per_s, **record})
+      if stage.eval_every and done % stage.eval_every == 0 and done != total:
         writer.write({"step": done, **evaluate(
-            exp, stage, state.variables, state.distiller_params, teacher_variables,
-            examples=cfg.eval_examples)})
-      if done % cfg.checkpoint_every == 0 or done == total or preempted:
+            stage, state.variables, state.distiller_params, teacher_variables,
+            examples=stage.eval_examples)})
+      if done % stage.checkpoint_every == 0 or done == total or preempted:
         save(done)
         last_saved = done
       if preempted:
@@ -612,11 +557,13 @@ def train_and_evaluate(exp: stages.Experiment, stage: stages.Stage,
   finally:
     progress.close()
     mngr.close()  # Waits for a save in flight: the last good checkpoint completes.
-  final = evaluate(exp, stage, state.variables, state.distiller_params, teacher_variables)
+
+  # The final evaluation, on the whole test set.
+  final = evaluate(stage, state.variables, state.distiller_params, teacher_variables)
   wall = wall_before + time.time() - t_stage
   writer.write({"step": total, **final})
   writer.close()
-  result = {"kind": stage.kind, "model": cfg[stage.role].model, "steps": total,
+  result = {"kind": stage.kind, "model": stage.model, "steps": total,
             "wall_time_s": round(wall, 1), **final}
   log.info("[%s] done: %s", stage.name, metrics.summary(result))
   return result
@@ -644,7 +591,7 @@ def run(config, workdir: str, wait_for_workdir: bool = False) -> Dict[str, Any]:
           log.info("[%s] finished earlier (%s); skipping.", stage.name,
                    metrics.summary(results[stage.name]))
           continue
-        results[stage.name] = train_and_evaluate(exp, stage, preemption)
+        results[stage.name] = train_and_evaluate(stages.resolve(exp, stage), preemption)
         if jax.process_index() == 0:
           metrics.write_results(exp.workdir, results)
         _sync(f"results {stage.name}")

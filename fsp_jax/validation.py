@@ -13,8 +13,8 @@ the shipped ones are: every schedule (a section with `num_steps` and
 `SUFFIX_RULES` (name endings such as `_weight`), choices by `CHOICES`.
 
 The library's messages speak of `config.FIELD`; the command line shows the same
-message with the flag's spelling, `--config.FIELD` (`flag_message`). No JAX here:
-the command line checks a config before JAX starts.
+message with the flag's spelling, `--config.FIELD` (`flag_message`). Nothing here
+runs JAX: the command line checks a config in seconds, before any device starts.
 """
 from __future__ import annotations
 
@@ -114,7 +114,6 @@ RULES = {
     "data.pad": NON_NEGATIVE_INT,
     "data.train_per_class": Range(0, integer=True, why="0 takes every example"),
     "teacher.num_classes": Range(0, integer=True, why="0 takes the data set's"),
-    "fitnet.regressor_kernel": COUNT,
 }
 # Fields by the ending of their name, in any section (a new method's included); the
 # first matching ending applies.
@@ -143,9 +142,6 @@ CHOICES = {
     "data.source": ("tfds", "folder", "digits"),
     "data.pipeline": ("auto", "host", "device"),
     "seed_axis": SEED_AXES,
-    "fsp.pool": ("max", "avg"),
-    "fsp.reduction": ("sum", "mean"),
-    "fitnet.pool": ("max", "avg"),
 }
 # Sizes given as (H, W).
 PAIRS = ("data.image_size", "data.crop_size", "teacher.token_grid",
@@ -236,18 +232,42 @@ def _check_names(config, field: str, known: Sequence[str], what: str) -> None:
                       f"{', '.join(known)}.", field)
 
 
-def check_config(config, methods: Sequence[str] = ("fsp", "fitnet", "kd")) -> None:
+def _check_teacher_cache(config, section: str) -> None:
+  """A stage 1 whose teacher targets are cached per training example
+  (`config.<section>.cache_teacher`) must see every example as it is, every epoch."""
+  node = config[section]
+  if (node.get("cache_teacher") and node.schedule.augment
+      and not node.get("checkpoint")):
+    raise ConfigError(
+        f"config.{section}.cache_teacher=True needs un-augmented stage-1 inputs (the "
+        "teacher's targets are cached per training example), but "
+        f"{section}.schedule.augment is True. Set config.{section}.schedule.augment="
+        f"False (the paper's CIFAR-100 setting) or config.{section}.cache_teacher=False.",
+        f"{section}.cache_teacher")
+
+
+def check_config(config, methods: Optional[Sequence[Any]] = None) -> None:
   """Raises ConfigError naming the first setting of `config` that cannot run.
 
   Checks every schedule, number, choice and name list of the config (any section,
-  a new method's included) against the ranges above. What needs the data or the
-  models (layer names, batch sizes against the devices and data) is checked by
-  `fsp_jax.stages.setup`, also before anything trains.
+  a new method's included) against the ranges above, and each method's own `checks`.
+  What needs the data or the models (layer names, batch sizes against the devices and
+  data) is checked by `fsp_jax.stages.setup`, also before anything trains.
 
   Args:
     config: an experiment config (`configs/default.py`'s fields).
-    methods: the distillation methods `config.methods` may name.
+    methods: the `fsp_jax.methods.Method`s `config.methods` names; None resolves
+      them (`fsp_jax.methods.for_config`, which refuses unknown names).
   """
+  from fsp_jax import methods as methods_lib  # (it imports this module)
+  if methods is None:
+    methods = methods_lib.for_config(config)
+  rules, choices = dict(RULES), dict(CHOICES)
+  # Every known method's section is checked where the config has it, used or not.
+  for method in dict.fromkeys(tuple(methods_lib.registered()) + tuple(methods)):
+    for field, rule in method.checks:
+      target = choices if isinstance(rule, tuple) else rules
+      target[f"{method.section}.{field}"] = rule
   schedules = set()
   for path, section in _sections(config):
     if is_schedule(section):
@@ -256,10 +276,10 @@ def check_config(config, methods: Sequence[str] = ("fsp", "fitnet", "kd")) -> No
   for path, value in _leaves(config):
     if path.rpartition(".")[0] in schedules:
       continue  # Checked with its schedule.
-    if path in CHOICES:
-      if value not in CHOICES[path]:
+    if path in choices:
+      if value not in choices[path]:
         raise ConfigError(f"config.{path}={value!r} is unknown; choose from "
-                          f"{', '.join(map(repr, CHOICES[path]))}.", path)
+                          f"{', '.join(map(repr, choices[path]))}.", path)
       continue
     name = path.rsplit(".", 1)[-1]
     sequence_rule = next((r for s, r in SEQUENCE_RULES if name.endswith(s)), None)
@@ -272,11 +292,12 @@ def check_config(config, methods: Sequence[str] = ("fsp", "fitnet", "kd")) -> No
         raise ConfigError(f"config.{path} must be () or (height, width); got "
                           f"{tuple(value)!r}.", path)
       continue
-    rule = _rule_for(path)
+    rule = rules.get(path) or _rule_for(path)
     if rule is not None and not isinstance(value, (str, tuple, list)):
       rule.check(value, path)
-  if "methods" in config:
-    _check_names(config, "methods", methods, "distillation methods")
+  for method in methods:
+    if method.stage_one is not None:
+      _check_teacher_cache(config, method.section)
   if "baselines" in config:
     _check_names(config, "baselines", BASELINES, "baselines")
 

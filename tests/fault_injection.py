@@ -39,9 +39,9 @@ def install(fault: str) -> None:
   current = [None]
   real_stage = train.train_and_evaluate
 
-  def train_and_evaluate(exp, s, *args):
+  def train_and_evaluate(s, *args):
     current[0] = s.name
-    return real_stage(exp, s, *args)
+    return real_stage(s, *args)
 
   train.train_and_evaluate = train_and_evaluate
 

@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # benchmarks/ is a folder of the checkout, not of the package.
 
 from benchmarks import bench  # noqa: E402
-from fsp_jax import distillers, train  # noqa: E402
+from fsp_jax import methods, train  # noqa: E402
 
 TINY = ["--teacher_depth", "8", "--student_depth", "8", "--batch_size", "8",
         "--steps", "1", "--warmup", "1"]
@@ -38,7 +38,7 @@ def test_bench_steps_are_the_training_loops_jitted_steps():
   assert main["teacher"] is main["distiller"] is None and main["use_labels"]
   assert teacher["student"].module.modules_per_section == (2, 2, 2)  # ResNet-14.
   assert main["student"].module.modules_per_section == (1, 1, 1)  # ResNet-8.
-  assert isinstance(fsp["distiller"], distillers.FSP) and not fsp["use_labels"]
+  assert isinstance(fsp["distiller"], methods.FSP) and not fsp["use_labels"]
   assert fsp["student"] == main["student"] and fsp["teacher"] == teacher["student"]
   # The cached stage 1 is the same compiled step, fed the teacher's matrices.
   assert steps.fns["fsp_cached"][0] is steps.fns["fsp"][0]

@@ -14,7 +14,7 @@ if REPO not in sys.path:  # The examples' models are imported from the repositor
   sys.path.insert(0, REPO)
 
 import fsp_jax  # noqa: E402
-from fsp_jax import capture, distillers, fsp, models  # noqa: E402
+from fsp_jax import capture, methods, fsp, models  # noqa: E402
 from examples import cnn_linen, cnn_nnx, vit_student  # noqa: E402
 
 MEAN, STD = (120.0, 110.0, 100.0), (60.0, 62.0, 64.0)
@@ -158,7 +158,7 @@ def test_nnx_gradients_through_split_merge_equal_linen():
   nx = models.Network(models.NnxModel(cnn_nnx.SmallCNN, 10), MEAN, STD,
                       layers=cnn_nnx.FEATURES, classes=10)
   images = _images()
-  distiller = distillers.FSP(fsp.default_fsp_pairs(cnn_linen.FEATURES))
+  distiller = methods.FSP(fsp.default_fsp_pairs(cnn_linen.FEATURES))
   targets = distiller.teacher_targets(None, lin.apply(variables, images[::-1])[1])
 
   def loss(net):

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from fsp_jax import config_lib, distillers, models, stages, validation
+from fsp_jax import config_lib, methods, models, stages, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ["cifar100_fast_optimization", "cifar100_minimization",
@@ -119,7 +119,7 @@ def test_fitnet_and_transfer_hyperparameters():
   assert by_name["fitnet"].init_from == "fitnet_hint" and by_name["fitnet"].distill == "kd"
   assert by_name["fitnet"].schedule.num_steps == 21000
   names = models.create_model("cifar_resnet26", 10).feature_names
-  hint = distillers.build("hint", c, names)
+  hint = methods.build_objective(methods.Hint, c, names)
   assert (hint.hint_feature, hint.guided_feature) == ("section2", "section2")
   c100 = config_lib.load("cifar100_minimization:method=fitnet")
   assert c100.student.model == "cifar_resnet14" and not c100.fitnet.schedule.augment
@@ -130,7 +130,7 @@ def test_fitnet_and_transfer_hyperparameters():
   assert cub.student.schedule.num_steps == 30000
   # One FSP pair per section: 4 for the 4-section ImageNet ResNets.
   names = models.create_model("resnet20_transfer", 200).feature_names
-  assert distillers.build("fsp", cub, names).fsp_pairs == (
+  assert methods.build_objective(methods.FSP, cub, names).fsp_pairs == (
       ("stem", "section1"), ("section1", "section2"), ("section2", "section3"),
       ("section3", "section4"))
   assert [s.name for s in stages.plan_stages(cub)] == [

@@ -130,7 +130,7 @@ def test_nnx_student_in_the_pipeline_steps_and_checkpoints(tmp_path):
   assert isinstance(student.module, stages.models.NnxModel)
   assert teacher.feature_names == ("stem", "block1", "block2", "block3")
   stage = next(s for s in exp.stages if s.kind == "fsp")
-  distiller = exp.distiller(stage)
+  distiller = exp.objective(stage)
   state = train.create_train_state(
       student, stages.random_variables(exp, "student"), train.create_optimizer(
           lambda _: 0.05, 0.9, 1e-4), stages.initial_distiller_params(exp, stage,

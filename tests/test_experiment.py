@@ -147,7 +147,7 @@ def test_fitnet_and_adapted_fsp_stages_hand_over_the_student_alone(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
     # The stage-1 objective's own parameters were trained and saved apart.
     stage = next(s for s in exp.stages if s.name == stage1)
-    initial = stages.initial_distiller_params(exp, stage, exp.distiller(stage))
+    initial = stages.initial_distiller_params(exp, stage, exp.objective(stage))
     with checkpoints.manager(str(tmp_path / stage1)) as mngr:
       saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
           distiller=ocp.args.StandardRestore(initial))).distiller
@@ -177,9 +177,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
   _stage = [None]
   real_stage = train.train_and_evaluate
 
-  def train_and_evaluate(exp, stage, *args):
+  def train_and_evaluate(stage, *args):
     _stage[0] = stage.name
-    return real_stage(exp, stage, *args)
+    return real_stage(stage, *args)
 
   monkeypatch.setattr(data, "train_batches", interrupted)
   monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
@@ -234,7 +234,7 @@ def _assert_one_line_error(proc, message):
      "fsp.fsp_pairs entry 'sektion1' is not a feature"),
     (["--config.teacher.model=cifar_resnet27"], "unknown model"),
     (["--num_processes=2"], "go together"),
-    (["--config.methods=('fitnet', 'bogus')"], "unknown distillation methods"),
+    (["--config.methods=('fitnet', 'bogus')"], "unknown distillation method 'bogus'"),
     (["--config.methods=('kd',)", "--config.teacher.num_classes=3"],
      "teacher.num_classes=3 differs"),
 ])

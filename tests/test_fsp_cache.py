@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from fsp_jax import data, distillers, fsp, models, stages, train
+from fsp_jax import data, fsp, methods, models, stages, train
 from fsp_jax.configs import default
 
 
@@ -18,7 +18,7 @@ def test_cached_teacher_matrices_give_the_recomputed_steps():
   teacher = models.Network(models.create_model("cifar_resnet14", 10), *stats)
   student = models.Network(models.create_model("cifar_resnet8", 10), *stats)
   teacher_vars = teacher.init(jax.random.PRNGKey(1), (16, 16, 1))
-  distiller = distillers.FSP(fsp.default_fsp_pairs(student.feature_names))
+  distiller = methods.FSP(fsp.default_fsp_pairs(student.feature_names))
   teacher_fsp = jax.jit(lambda images: train.teacher_targets(
       teacher, teacher_vars, images, distiller))
   # Batches of 40 over 4 devices: a different batch composition than training uses.

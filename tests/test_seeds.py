@@ -201,9 +201,9 @@ def test_device_pipeline_trains_and_resumes_exactly(tmp_path, monkeypatch):
   stage = [None]
   real_stage = train.train_and_evaluate
 
-  def train_and_evaluate(exp, s, *a):
+  def train_and_evaluate(s, *a):
     stage[0] = s.name
-    return real_stage(exp, s, *a)
+    return real_stage(s, *a)
 
   monkeypatch.setattr(data, "train_calls", interrupted)
   monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)

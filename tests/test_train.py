@@ -7,7 +7,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from fsp_jax import data, distillers, fsp, models, train
+from fsp_jax import data, methods, fsp, models, train
 
 
 def _mesh(devices):
@@ -28,7 +28,7 @@ def _setup(ds, mesh, model_name="cifar_resnet8", lr=0.1, wd=1e-4):
 
 
 def _fsp(net):
-  return distillers.FSP(fsp.default_fsp_pairs(net.feature_names))
+  return methods.FSP(fsp.default_fsp_pairs(net.feature_names))
 
 
 @pytest.fixture(scope="module")

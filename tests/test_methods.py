@@ -10,7 +10,7 @@ import pytest
 
 import ml_collections
 
-from fsp_jax import data, distillers, fsp, models, train
+from fsp_jax import data, methods, fsp, models, train
 
 
 NAMES = ("stem", "section1", "section2")
@@ -38,7 +38,7 @@ def test_fsp_objective_is_eq2_per_example():
   rng = np.random.default_rng(0)
   shapes = [(8, 8, 4), (8, 8, 4), (4, 4, 8)]
   teacher, student = _maps(rng, 3, shapes), _maps(rng, 3, shapes)
-  d = distillers.FSP(PAIRS, weights=(1.0, 0.5))
+  d = methods.FSP(PAIRS, weights=(1.0, 0.5))
   targets = d.teacher_targets(None, teacher)
   assert len(targets) == 2
   got = d.objective({}, targets, None, student, 0)
@@ -59,22 +59,22 @@ def test_fsp_objective_is_eq2_per_example():
       float(fsp.fsp_loss(teacher, student, PAIRS, weights=(1.0, 0.5))), rtol=1e-6)
   assert d.init(jax.random.PRNGKey(0), teacher, student) == {}
   # Only the named pair is used: a single pair gives its own term.
-  one = distillers.FSP((("section1", "section2"),))
+  one = methods.FSP((("section1", "section2"),))
   np.testing.assert_allclose(
       np.asarray(one.objective({}, one.teacher_targets(None, teacher), None, student, 0)),
       np.sum((_np_gram(_np_maxpool(teacher["section1"], 2), teacher["section2"]) -
               _np_gram(_np_maxpool(student["section1"], 2), student["section2"])) ** 2,
              axis=(1, 2)), rtol=1e-5)
   # The element-mean scale: 4x4 and 4x8 matrices.
-  mean = distillers.FSP(PAIRS, weights=(1.0, 0.5), reduction="mean")
+  mean = methods.FSP(PAIRS, weights=(1.0, 0.5), reduction="mean")
   np.testing.assert_allclose(
       np.asarray(mean.objective({}, targets, None, student, 0)),
-      np.asarray(distillers.FSP(PAIRS, weights=(1.0 / 16, 0.5 / 32)).objective(
+      np.asarray(methods.FSP(PAIRS, weights=(1.0 / 16, 0.5 / 32)).objective(
           {}, targets, None, student, 0)), rtol=1e-6)
   with pytest.raises(ValueError, match="fsp.reduction"):
-    distillers.FSP(PAIRS, reduction="avg")
+    methods.FSP(PAIRS, reduction="avg")
   with pytest.raises(ValueError, match="one weight per pair"):
-    distillers.FSP(PAIRS, weights=(1.0,))
+    methods.FSP(PAIRS, weights=(1.0,))
 
 
 def test_fsp_adapter_maps_student_channels_to_the_teacher():
@@ -83,10 +83,10 @@ def test_fsp_adapter_maps_student_channels_to_the_teacher():
   teacher = _maps(rng, 2, [(4, 4, 6), (4, 4, 10)], names)
   student = _maps(rng, 2, [(4, 4, 3), (4, 4, 5)], names)
   pairs = (("stem", "section1"),)
-  plain = distillers.FSP(pairs)
+  plain = methods.FSP(pairs)
   with pytest.raises(ValueError, match="adapter"):
     plain.objective({}, plain.teacher_targets(None, teacher), None, student, 0)
-  d = distillers.FSP(pairs, adapter=True)
+  d = methods.FSP(pairs, adapter=True)
   params = d.init(jax.random.PRNGKey(0), teacher, student)
   assert {k: v["kernel"].shape for k, v in params.items()} == {
       "adapter_stem": (3, 6), "adapter_section1": (5, 10)}
@@ -102,7 +102,7 @@ def test_fsp_adapter_maps_student_channels_to_the_teacher():
   assert set(d.init(jax.random.PRNGKey(0), wide, narrow)) == {"adapter_stem",
                                                               "adapter_section1"}
   with pytest.raises(ValueError, match="'section2' is not a feature"):
-    distillers.FSP((("section1", "section2"),), adapter=True).init(
+    methods.FSP((("section1", "section2"),), adapter=True).init(
         jax.random.PRNGKey(0), teacher, student)
 
 
@@ -112,7 +112,7 @@ def test_hint_objective_is_fitnet_l2_through_a_regressor(kernel):
   names = ("stem", "section1")
   teacher = _maps(rng, 2, [(6, 6, 4), (6, 6, 7)], names)
   student = _maps(rng, 2, [(6, 6, 4), (6, 6, 3)], names)
-  d = distillers.Hint(hint_feature="section1", guided_feature="section1",
+  d = methods.Hint(hint_feature="section1", guided_feature="section1",
                       regressor_kernel=kernel)
   params = d.init(jax.random.PRNGKey(0), teacher, student)
   w = np.asarray(params["regressor"]["kernel"], np.float64)
@@ -141,7 +141,7 @@ def test_hint_pools_the_larger_map_and_checks_features():
   names = ("stem", "section1")
   teacher = _maps(rng, 1, [(8, 8, 2), (4, 4, 2)], names)
   student = _maps(rng, 1, [(8, 8, 2), (4, 4, 2)], names)
-  d = distillers.Hint(hint_feature="section1", guided_feature="stem")
+  d = methods.Hint(hint_feature="section1", guided_feature="stem")
   params = d.init(jax.random.PRNGKey(0), teacher, student)
   got = d.objective(params, teacher["section1"], None, student, 0)
   regressed = np.asarray(d.regress(params, student["stem"]))
@@ -149,10 +149,10 @@ def test_hint_pools_the_larger_map_and_checks_features():
                       axis=(1, 2, 3))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
   with pytest.raises(ValueError, match="hint_feature 'section5' is not a feature"):
-    distillers.Hint(hint_feature="section5").init(jax.random.PRNGKey(0), teacher,
+    methods.Hint(hint_feature="section5").init(jax.random.PRNGKey(0), teacher,
                                                   student)
   with pytest.raises(ValueError, match="guided_feature 'section2' is not a feature"):
-    distillers.Hint(hint_feature="stem").init(jax.random.PRNGKey(0), teacher, student)
+    methods.Hint(hint_feature="stem").init(jax.random.PRNGKey(0), teacher, student)
 
 
 def test_from_config_and_build_resolve_names_and_indices():
@@ -163,30 +163,31 @@ def test_from_config_and_build_resolve_names_and_indices():
                   pool="avg"),
       kd=dict(temperature=3.0, weight=4.0, final_weight=1.0, scale_by_t_squared=False)),
       type_safe=False)  # Fields given by name or by index.
-  assert distillers.DISTILLERS == {"fsp": distillers.FSP, "hint": distillers.Hint,
-                                   "kd": distillers.KD}
+  assert [(m.name, m.stage_one, m.term) for m in methods.BUILTIN] == [
+      ("fsp", methods.FSP, None), ("fitnet", methods.Hint, methods.KD),
+      ("kd", None, methods.KD)]
   # () = one pair per section, by name.
-  assert distillers.build("fsp", config, names) == distillers.FSP(
+  assert methods.build_objective(methods.FSP, config, names) == methods.FSP(
       (("stem", "section1"), ("section1", "section2"), ("section2", "section3")))
   config.fsp.fsp_pairs = ((0, "section2"), ("section2", 3))
   config.fsp.weights = (1.0, 0.5)
   config.fsp.update(pool="avg", reduction="mean", adapter=True)
-  assert distillers.build("fsp", config, names) == distillers.FSP(
+  assert methods.build_objective(methods.FSP, config, names) == methods.FSP(
       (("stem", "section2"), ("section2", "section3")), (1.0, 0.5), "avg",
       adapter=True, reduction="mean")
-  assert distillers.build("hint", config, names) == distillers.Hint(
+  assert methods.build_objective(methods.Hint, config, names) == methods.Hint(
       "section2", "section1", 3, "avg")
-  assert distillers.build("kd", config, names, num_steps=50) == distillers.KD(
+  assert methods.build_objective(methods.KD, config, names, num_steps=50) == methods.KD(
       3.0, 4.0, 1.0, 50, False)
-  assert distillers.KD.from_config(config.kd, names, 7).num_steps == 7
+  assert methods.KD.from_config(config.kd, names, 7).num_steps == 7
   config.fitnet.hint_feature = 5
   with pytest.raises(ValueError, match="fitnet.hint_feature 5 is out of range"):
-    distillers.build("hint", config, names)
+    methods.build_objective(methods.Hint, config, names)
   config.fsp.fsp_pairs = (("stem", "section9"),)
   with pytest.raises(ValueError, match="'section9' is not a feature"):
-    distillers.build("fsp", config, names)
-  with pytest.raises(ValueError, match="unknown distiller"):
-    distillers.build("fitnet", config, names)
+    methods.build_objective(methods.FSP, config, names)
+  with pytest.raises(ValueError, match="unknown distillation method 'hint'"):
+    methods.get("hint")  # An objective's name, not a method's.
 
 
 def test_kd_objective_is_softened_kl_with_a_linear_weight():
@@ -201,12 +202,12 @@ def test_kd_objective_is_softened_kl_with_a_linear_weight():
   p_t = softmax(t_logits.astype(np.float64) / 3.0)
   p_s = softmax(s_logits.astype(np.float64) / 3.0)
   kl = np.sum(p_t * np.log(p_t / p_s), axis=-1)
-  d = distillers.KD(temperature=3.0, weight=4.0, final_weight=1.0, num_steps=101)
+  d = methods.KD(temperature=3.0, weight=4.0, final_weight=1.0, num_steps=101)
   targets = d.teacher_targets(t_logits, None)
   for step, weight in ((0, 4.0), (50, 2.5), (100, 1.0), (500, 1.0)):
     np.testing.assert_allclose(np.asarray(d.objective({}, targets, s_logits, None, step)),
                                weight * kl, rtol=1e-5)
-  hinton = distillers.KD(temperature=3.0, weight=0.5, scale_by_t_squared=True)
+  hinton = methods.KD(temperature=3.0, weight=0.5, scale_by_t_squared=True)
   np.testing.assert_allclose(np.asarray(hinton.objective({}, targets, s_logits, None, 7)),
                              0.5 * 9.0 * kl, rtol=1e-5)
   # Zero at a match; the teacher gets no gradient.
@@ -235,7 +236,7 @@ def _hint_setup():
   x = jnp.zeros((1, 16, 16, 1), jnp.uint8)
   _, t_feats = teacher.apply(tv, x)
   _, s_feats = student.apply(sv, x)
-  d = distillers.Hint(hint_feature="section2", guided_feature="section2")
+  d = methods.Hint(hint_feature="section2", guided_feature="section2")
   dparams = d.init(jax.random.PRNGKey(2), t_feats, s_feats)
   return teacher, student, tv, sv, batch, d, dparams
 
@@ -278,7 +279,7 @@ def test_step_gives_the_teacher_no_gradient_and_no_new_statistics(method):
   teacher, student, tv, sv, batch, d, dparams = _hint_setup()
   use_labels = method == "kd"
   if method == "kd":
-    d, dparams = distillers.KD(temperature=3.0, weight=4.0), {}
+    d, dparams = methods.KD(temperature=3.0, weight=4.0), {}
   tx = train.create_optimizer(train.create_learning_rate_fn((1e-2,), ()), 0.9, 1e-4)
   state = train.create_train_state(student, sv, tx, dparams)
   images = jnp.asarray(batch["image"])
@@ -326,7 +327,7 @@ def test_kd_term_adds_to_cross_entropy_in_a_main_task_step():
   ds, teacher, student, tv, sv, batch = _digits_setup()
   tx = train.create_optimizer(train.create_learning_rate_fn((0.0,), ()), 0.9, 0.0)
   state = train.create_train_state(student, sv, tx)
-  d = distillers.KD(temperature=3.0, weight=4.0)
+  d = methods.KD(temperature=3.0, weight=4.0)
   _, metrics = _step(student, teacher, d, True)(state, batch, tv)
   (logits, _), _ = student.apply(sv, batch["image"], train=True)
   t_logits, _ = teacher.apply(tv, batch["image"])
@@ -344,7 +345,7 @@ def test_fsp_step_is_one_sgd_step_on_eq2():
   """The FSP stage-1 step: loss = Eq. 2 between the teacher's (inference mode) and the
   student's (train mode) features; update = PyTorch SGD on its gradient."""
   ds, teacher, student, tv, sv, batch = _digits_setup()
-  d = distillers.FSP(fsp.default_fsp_pairs(student.feature_names))
+  d = methods.FSP(fsp.default_fsp_pairs(student.feature_names))
   # A large decay, so that lr * wd = 1e-5 shows in float32 parameters.
   lr, wd = 1e-3, 1e-2
   tx = train.create_optimizer(train.create_learning_rate_fn((lr,), ()), 0.9, wd)

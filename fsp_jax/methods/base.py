@@ -1,0 +1,155 @@
+"""What a distillation method tells the rest of fsp_jax: the two base classes.
+
+A method is a `Method` (how it enters an experiment: its name, config section, stages
+and labels) whose stages train an `Objective` (what one step computes: targets taken
+from the frozen teacher, the method's own learned parameters, a per-example loss).
+`train.train_step` runs any objective the same way and never asks which one it runs.
+
+Stages a method adds, in the order they run:
+- a method-only stage 1 (`Method.stage_one`, its objective alone, no labels), whose
+  final student weights start the main-task stage, as FSP and FitNet do;
+- its main-task stage (`Method.student_stage`): cross-entropy on the labels plus
+  `Method.term`'s objective where it has one (KD's), from the stage-1 weights where
+  there is a stage 1, else from random weights.
+
+An objective's interface (shapes):
+- `teacher_targets(logits, features)`: what it takes from the teacher's outputs (FSP
+  matrices, a hint map, logits), computed in inference mode, no gradient; `logits`
+  `(B, K)`, `features` `{'stem': (B, H, W, C), 'section1': ..., ...}`.
+- `init(rng, teacher_features, student_features)`: its own learned parameters (`{}`
+  where it has none), trained with the student by the same optimizer and saved apart
+  from the student's weights; the features may be ShapeDtypeStructs.
+- `objective(params, targets, logits, features, step)`: the loss of each example
+  `(B,)` from the student's outputs in train mode; the trainer averages it over the
+  batch (and adds the cross-entropy in a main-task stage).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+
+import ml_collections
+
+from fsp_jax.validation import ConfigError
+
+Params = Dict[str, Any]
+# Section fields a method-only stage 1 may have, read by the package itself (they
+# choose where stage 1 comes from and how it is fed, never what it computes; not in
+# the stage's fingerprint): a finished stage 1 to reuse, the teacher's targets cached
+# per training example, one stage 1 shared by every seed.
+STAGE_ONE_FIELDS = ("schedule", "checkpoint", "cache_teacher", "shared")
+
+
+class Objective:
+  """Base class of the objective a stage trains (the interface: this module's doc).
+
+  Subclasses are frozen dataclasses (hashable: one compiled step per objective) and
+  set the class attributes below.
+
+  Attributes:
+    name: the stage kind of a stage 1 trained on it and the metric's name
+      (`<name>_loss`, `test_<name>_loss`).
+    label: its name in summaries ('FSP', 'FitNet hints').
+    section: the config section it is built from (`from_config`).
+    reads_features: whether it reads feature maps (then models by import path must
+      name their features), not only logits.
+  """
+  name: ClassVar[str] = ""
+  label: ClassVar[str] = ""
+  section: ClassVar[str] = ""
+  reads_features: ClassVar[bool] = False
+
+  @classmethod
+  def from_config(cls, section, feature_names: Sequence[str] = (),
+                  num_steps: int = 1) -> "Objective":
+    """The objective of a config section, for a student with `feature_names` (fields
+    may index them) and a stage of `num_steps` (weight schedules)."""
+    raise NotImplementedError
+
+  @classmethod
+  def fingerprint(cls, section, as_term: bool) -> Dict[str, Any]:
+    """What it adds to a stage's fingerprint: a stage 1's weights depend on every
+    field of its section but those of `STAGE_ONE_FIELDS`; a term's on its section."""
+    values = section.to_dict()
+    if as_term:
+      return {"distill": {"method": cls.name, **values}}
+    return {cls.section: {k: v for k, v in values.items()
+                          if k not in STAGE_ONE_FIELDS}}
+
+  def init(self, rng, teacher_features, student_features) -> Params:
+    del rng, teacher_features, student_features
+    return {}
+
+  def teacher_targets(self, logits, features):
+    raise NotImplementedError
+
+  def objective(self, params: Params, targets, logits, features, step):
+    raise NotImplementedError
+
+
+def check_feature(name: str, features, what: str) -> None:
+  """Fails (one line) where `name` is not among `features`."""
+  if name not in features:
+    raise ConfigError(f"{what} {name!r} is not a feature of the network; its features "
+                      f"are {tuple(sorted(features))}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A distillation method: what `config.methods` names and what it runs.
+
+  Attributes:
+    name: its entry in `config.methods`.
+    section: its config section, `config.<section>` (`defaults` fills it).
+    label: its student's row in result tables and plots.
+    student_stage: its main-task stage's folder and results key.
+    stage_one: the objective of its method-only stage 1, or None.
+    stage_one_name: that stage's folder and results key.
+    term: the objective added to its main-task cross-entropy, or None.
+    color: its student's colour in plots (a matplotlib colour).
+    checks: its section's settings beyond the generic checks of
+      `fsp_jax.validation`: `{field: Range or tuple of allowed values}`.
+    defaults: `() -> ConfigDict`, its section with defaults (a stage 1's with a
+      `schedule`, e.g. `config_lib.schedule(...)`).
+    smoke: `(section) -> None`, shrinks the section for `:smoke` configs (a stage 1's
+      schedule to a few steps); None leaves it.
+  """
+  name: str
+  section: str
+  label: str
+  student_stage: str
+  defaults: Any
+  stage_one: Optional[type] = None
+  stage_one_name: str = ""
+  term: Optional[type] = None
+  color: str = ""
+  checks: Tuple[Tuple[str, Any], ...] = ()
+  smoke: Any = None
+
+  def __post_init__(self):
+    if not self.name or not self.section or not self.student_stage:
+      raise ConfigError(f"method {self!r} needs a name, a config section and a "
+                        "student_stage.")
+    if self.stage_one is not None and not self.stage_one_name:
+      raise ConfigError(f"method {self.name!r} has a stage 1 ({self.stage_one}) but no "
+                        "stage_one_name (its folder).")
+    if self.stage_one is None and self.term is None:
+      raise ConfigError(f"method {self.name!r} has neither a stage 1 nor a term: it "
+                        "would train a plain student (the 'scratch' baseline).")
+
+  @property
+  def objectives(self) -> Tuple[type, ...]:
+    return tuple(o for o in (self.stage_one, self.term) if o is not None)
+
+  @property
+  def reads_features(self) -> bool:
+    return any(o.reads_features for o in self.objectives)
+
+  def stage_names(self) -> Tuple[str, ...]:
+    return ((self.stage_one_name,) if self.stage_one else ()) + (self.student_stage,)
+
+  def default_section(self) -> ml_collections.ConfigDict:
+    section = self.defaults()
+    if not isinstance(section, ml_collections.ConfigDict):
+      section = ml_collections.ConfigDict(section)
+    return section

@@ -1,0 +1,41 @@
+"""The optimisation of every stage: the paper's piecewise-constant learning rate in
+iterations and SGD with momentum and L2 weight decay (PyTorch's SGD)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsp_jax.validation import ConfigError
+
+
+def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequence[int],
+                            warmup_steps: int = 0) -> Callable[[jax.Array], jax.Array]:
+  """Piecewise-constant learning rate in iterations, as the paper states schedules.
+
+  `learning_rates[k]` holds for `boundaries[k-1] <= step < boundaries[k]`; e.g.
+  (0.1, 0.01, 0.001) with boundaries (32000, 48000). `warmup_steps` W > 0 multiplies
+  the first W steps' rates by (step + 1) / W (a linear warm-up; not in the paper).
+  """
+  if len(learning_rates) != len(boundaries) + 1:
+    raise ConfigError(f"{len(learning_rates)} learning rates need {len(learning_rates) - 1} "
+                     f"boundaries; got {len(boundaries)}.")
+  values = jnp.asarray(learning_rates, jnp.float32)
+  bounds = jnp.asarray(boundaries, jnp.int32)
+
+  def schedule(step):
+    lr = values[jnp.sum(step >= bounds)]
+    if warmup_steps > 0:
+      lr = lr * jnp.minimum(1.0, (step + 1) / warmup_steps)
+    return lr
+  return schedule
+
+
+def create_optimizer(learning_rate_fn, momentum: float,
+                     weight_decay: float) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient (PyTorch's SGD):
+  g' = g + wd * w; v = momentum * v + g'; w = w - lr * v."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate_fn, momentum=momentum))
