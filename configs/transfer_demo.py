@@ -19,7 +19,7 @@ from scratch:
 
 Further seeds reuse that stage 1 (Algorithm 1: one stage-1 result, several students):
 add `--config.seed=S --config.fsp.checkpoint=runs/demo_student/fsp`. Numbers for 5
-seeds are in docs/distillers.md. The teacher's classifier (5 classes) is unused: FSP
+seeds are in docs/methods.md. The teacher's classifier (5 classes) is unused: FSP
 takes only its section features.
 """
 from fsp_jax.config_lib import parse_arg

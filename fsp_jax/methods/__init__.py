@@ -57,7 +57,13 @@ def registered() -> Tuple[Method, ...]:
   return tuple(_REGISTRY.values())
 
 
+_BY_PATH: Dict[str, Method] = {}
+
+
 def _from_import_path(path: str) -> Method:
+  """The method `PKG.MODULE:NAME` names, imported and registered once."""
+  if path in _BY_PATH:
+    return _BY_PATH[path]
   module_name, _, attr = path.partition(":")
   try:
     module = importlib.import_module(module_name)
@@ -73,7 +79,10 @@ def _from_import_path(path: str) -> Method:
   if not isinstance(method, Method):
     raise ConfigError(f"config.methods entry {path!r} is not a fsp_jax.methods.Method "
                       "(nor a callable returning one).")
-  return register(method) if _REGISTRY.get(method.name) is not method else method
+  if _REGISTRY.get(method.name) is not method:
+    register(method)
+  _BY_PATH[path] = method
+  return method
 
 
 def get(name: str) -> Method:
