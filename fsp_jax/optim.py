@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fsp_jax.validation import ConfigError
+from fsp_jax import validation
 
 
 def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequence[int],
@@ -19,9 +19,7 @@ def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequenc
   (0.1, 0.01, 0.001) with boundaries (32000, 48000). `warmup_steps` W > 0 multiplies
   the first W steps' rates by (step + 1) / W (a linear warm-up; not in the paper).
   """
-  if len(learning_rates) != len(boundaries) + 1:
-    raise ConfigError(f"{len(learning_rates)} learning rates need {len(learning_rates) - 1} "
-                     f"boundaries; got {len(boundaries)}.")
+  validation.check_boundaries(learning_rates, boundaries)
   values = jnp.asarray(learning_rates, jnp.float32)
   bounds = jnp.asarray(boundaries, jnp.int32)
 

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from fsp_jax import checkpoints, data, guards, metrics, stages
 from fsp_jax.optim import create_learning_rate_fn, create_optimizer  # noqa: F401
-from fsp_jax.validation import ConfigError
+from fsp_jax import validation
 from fsp_jax import workdir as workdir_lib
 from fsp_jax.models import Network
 
@@ -188,9 +188,7 @@ def resolve_seed_axis(seed_axis: str) -> str:
   seeds are S copies of the one-seed program in one call. On GPU and TPU, 'auto'
   takes vmap: one larger program to fill the chip.
   """
-  if seed_axis not in stages.SEED_AXES:
-    raise ConfigError(f"config.seed_axis={seed_axis!r} is unknown; use one of "
-                     f"{', '.join(stages.SEED_AXES)}.")
+  validation.check_choice(seed_axis, validation.SEED_AXES, "seed_axis")
   if seed_axis == "auto":
     return "unrolled" if jax.default_backend() == "cpu" else "vmap"
   return seed_axis

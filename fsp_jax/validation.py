@@ -168,6 +168,25 @@ def _sections(node, prefix: str = "") -> Iterator[Tuple[str, Any]]:
       yield from _sections(value, f"{prefix}{key}.")
 
 
+def check_choice(value, choices: Sequence[Any], field: str) -> None:
+  """Fails (ConfigError naming `config.FIELD`) where `value` is not one of `choices`."""
+  if value not in choices:
+    raise ConfigError(f"config.{field}={value!r} is unknown; choose from "
+                      f"{', '.join(map(repr, choices))}.", field)
+
+
+def check_boundaries(learning_rates: Sequence[float], boundaries: Sequence[int],
+                     field: str = "schedule") -> None:
+  """Fails where a piecewise-constant schedule's rates and boundaries do not pair up:
+  N learning rates need N - 1 boundaries (`field`: the schedule's config path)."""
+  lrs, bounds = tuple(learning_rates), tuple(boundaries)
+  if len(lrs) != len(bounds) + 1:
+    raise ConfigError(
+        f"config.{field}: {len(lrs)} learning rates need {len(lrs) - 1} boundaries; "
+        f"got {len(bounds)} (config.{field}.boundaries={bounds!r}).",
+        f"{field}.boundaries")
+
+
 def is_schedule(section) -> bool:
   return "num_steps" in section and "learning_rates" in section
 
@@ -191,11 +210,7 @@ def check_schedule(schedule, field: str) -> None:
     if not NON_NEGATIVE.admits(lr):  # 0 freezes the weights (a probe, a test).
       raise ConfigError(f"config.{field}.learning_rates must all be numbers >= 0; got "
                         f"{lrs!r}.", f"{field}.learning_rates")
-  if len(lrs) != len(bounds) + 1:
-    raise ConfigError(
-        f"config.{field}: {len(lrs)} learning rates need {len(lrs) - 1} boundaries; "
-        f"got {len(bounds)} (config.{field}.boundaries={bounds!r}).",
-        f"{field}.boundaries")
+  check_boundaries(lrs, bounds, field)
   for b in bounds:
     if not NON_NEGATIVE_INT.admits(b):
       raise ConfigError(f"config.{field}.boundaries must be integers >= 0 (steps); "
@@ -277,9 +292,7 @@ def check_config(config, methods: Optional[Sequence[Any]] = None) -> None:
     if path.rpartition(".")[0] in schedules:
       continue  # Checked with its schedule.
     if path in choices:
-      if value not in choices[path]:
-        raise ConfigError(f"config.{path}={value!r} is unknown; choose from "
-                          f"{', '.join(map(repr, choices[path]))}.", path)
+      check_choice(value, choices[path], path)
       continue
     name = path.rsplit(".", 1)[-1]
     sequence_rule = next((r for s, r in SEQUENCE_RULES if name.endswith(s)), None)
