@@ -333,8 +333,10 @@ def check_pairings(exp: Experiment) -> None:
       params = jax.eval_shape(lambda: distiller.init(jax.random.PRNGKey(0), t_feats,
                                                      s_feats))
       targets = jax.eval_shape(distiller.teacher_targets, t_logits, t_feats)
-      jax.eval_shape(lambda p, t, l, f: distiller.objective(p, t, l, f, 0), params,
-                     targets, s_logits, s_feats)
+      labels = ({"labels": jax.ShapeDtypeStruct((s_logits.shape[0],), jnp.int32)}
+                if distiller.reads_labels else {})
+      jax.eval_shape(lambda p, t, l, f, kw: distiller.objective(p, t, l, f, 0, **kw),
+                     params, targets, s_logits, s_feats, labels)
     except (ValueError, TypeError, KeyError) as e:
       raise ConfigError(f"teacher {cfg.teacher.model} and student {cfg.student.model} "
                        f"cannot be paired for stage {stage.name!r}: {e}") from None
@@ -508,9 +510,9 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
   if stage.method is not None:  # What the method's objective adds.
     method = methods.get(stage.method)
     if stage.is_stage_one:
-      out.update(method.stage_one.fingerprint(config[method.stage_one.section], False))
+      out.update(method.stage_one.fingerprint_of(config, False))
     if stage.distill:
-      out.update(method.term.fingerprint(config[method.term.section], True))
+      out.update(method.term.fingerprint_of(config, True))
   if stage.objective_name:
     out["teacher"] = _teacher_fingerprint(config, stages)
   by_name = {s.name: s for s in stages}

@@ -126,8 +126,9 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, student: Net
     if use_labels:
       terms["task_loss"] = cross_entropy_loss(logits, batch["label"])
     if distiller is not None:
+      extra = {"labels": batch["label"]} if distiller.reads_labels else {}
       terms[f"{distiller.name}_loss"] = jnp.mean(distiller.objective(
-          params["distiller"], targets, logits, features, state.step))
+          params["distiller"], targets, logits, features, state.step, **extra))
     # A single term is the loss itself (no `0 +`).
     loss = functools.reduce(operator.add, terms.values())
     return loss, (logits, batch_stats, terms)
@@ -159,7 +160,9 @@ def eval_distill_step(variables, distiller_params, teacher_variables, batch, *,
   inference mode): `{'<distiller>_loss', 'count'}`."""
   logits, features = network.apply(variables, batch["image"])
   targets = teacher_targets(teacher, teacher_variables, batch["image"], distiller)
-  per_example = distiller.objective(distiller_params, targets, logits, features, 0)
+  extra = {"labels": batch["label"]} if distiller.reads_labels else {}
+  per_example = distiller.objective(distiller_params, targets, logits, features, 0,
+                                    **extra)
   mask = batch["mask"]
   return {f"{distiller.name}_loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
 

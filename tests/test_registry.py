@@ -101,7 +101,8 @@ def _term_method(name, **kw):
 
 
 def test_register_refuses_clashes_and_finds_methods_by_name():
-  assert [m.name for m in methods.BUILTIN] == ["fsp", "fitnet", "kd"]
+  assert [m.name for m in methods.BUILTIN] == ["fsp", "fitnet", "kd", "at", "sp", "pkt",
+                                             "rkd", "nst", "dkd"]
   with pytest.raises(validation.ConfigError, match="registered already"):
     methods.register(_term_method("kd"))
   with pytest.raises(validation.ConfigError, match="section 'fsp' is method 'fsp'"):
@@ -111,8 +112,8 @@ def test_register_refuses_clashes_and_finds_methods_by_name():
   with pytest.raises(validation.ConfigError, match="neither a stage 1 nor a term"):
     methods.Method(name="x", section="x", label="x", student_stage="x",
                    defaults=dict)
-  with pytest.raises(validation.ConfigError, match="unknown distillation method 'at'"):
-    methods.get("at")
+  with pytest.raises(validation.ConfigError, match="unknown distillation method 'atx'"):
+    methods.get("atx")
   assert methods.get("fitnet") is methods.BUILTIN[1]
 
 

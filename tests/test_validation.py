@@ -69,7 +69,7 @@ BAD = [
     ("seed_axis", "vmapp", "choose from 'auto', 'vmap', 'unrolled'"),
     ("data.pipeline", "gpu", "choose from 'auto', 'host', 'device'"),
     ("fsp.reduction", "avg", "choose from 'sum', 'mean'"),
-    ("methods", ("fsp", "at"), "unknown distillation method 'at'"),
+    ("methods", ("fsp", "atx"), "unknown distillation method 'atx'"),
     ("baselines", ("scratch", "teacher_long"), "unknown baselines ['teacher_long']"),
     ("half_precision", True, None),  # Not numeric: accepted.
 ]

@@ -12,20 +12,29 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fsp_jax.methods import base
 from fsp_jax.methods.base import (STAGE_ONE_FIELDS, Method, Objective, Params,
                                   check_feature)
-from fsp_jax.methods import fitnet, fsp, kd
+from fsp_jax.methods import at, dkd, fitnet, fsp, kd, nst, pkt, rkd, sp
+from fsp_jax.methods.at import AT
+from fsp_jax.methods.dkd import DKD
 from fsp_jax.methods.fitnet import Hint
 from fsp_jax.methods.fsp import FSP
 from fsp_jax.methods.kd import KD
+from fsp_jax.methods.nst import NST
+from fsp_jax.methods.pkt import PKT
+from fsp_jax.methods.rkd import RKD
+from fsp_jax.methods.sp import SP
 from fsp_jax.validation import ConfigError
 
-__all__ = ["BUILTIN", "FSP", "Hint", "KD", "Method", "Objective", "Params",
+__all__ = ["AT", "BUILTIN", "DKD", "FSP", "Hint", "KD", "Method", "NST", "PKT", "RKD",
+           "SP", "Objective", "Params",
            "STAGE_ONE_FIELDS", "build_objective", "check_feature", "complete",
            "for_config", "get", "objective_of", "register", "registered"]
 
 # The built-in methods, in the order their stages run and their rows are listed.
-BUILTIN = (fsp.METHOD, fitnet.METHOD, kd.METHOD)
+BUILTIN = (fsp.METHOD, fitnet.METHOD, kd.METHOD, at.METHOD, sp.METHOD, pkt.METHOD,
+           rkd.METHOD, nst.METHOD, dkd.METHOD)
 _REGISTRY: Dict[str, Method] = {m.name: m for m in BUILTIN}
 
 
@@ -85,10 +94,32 @@ def _from_import_path(path: str) -> Method:
   return method
 
 
+def _summed(name: str) -> Method:
+  """The method 'a+b': the terms of methods a and b added to one main-task stage."""
+  parts = [get(part.strip()) for part in name.split("+")]
+  for part in parts:
+    if part.stage_one is not None or part.term is None:
+      raise ConfigError(f"config.methods entry {name!r}: {part.name!r} has a stage 1; "
+                        "only methods that add a term to the main task (e.g. kd) can "
+                        "be summed.", "methods")
+  if len({p.name for p in parts}) != len(parts):
+    raise ConfigError(f"config.methods entry {name!r} names a method twice.", "methods")
+  first = parts[0]
+  method = Method(name=name, section=first.section, student_stage=name,
+                  label=" + ".join(p.label for p in parts),
+                  term=base.summed([p.term for p in parts]), defaults=first.defaults,
+                  color=first.color)
+  _REGISTRY[name] = method
+  return method
+
+
 def get(name: str) -> Method:
-  """The method `name`: registered (the built-in ones included) or `PKG.MODULE:NAME`."""
+  """The method `name`: registered (the built-in ones included), `PKG.MODULE:NAME`,
+  or a sum of term methods, 'a+b' (each with its own section and weight)."""
   if name in _REGISTRY:
     return _REGISTRY[name]
+  if "+" in name:
+    return _summed(name)
   if ":" in name:
     return _from_import_path(name)
   raise ConfigError(f"config.methods has unknown distillation method {name!r}; choose "
@@ -117,8 +148,8 @@ def complete(config) -> None:
   """Adds the default config section of each method `config.methods` names that the
   config lacks (a method of your own), in place."""
   for method in for_config(config):
-    sections = [method.section] + [o.section for o in method.objectives]
-    for section in sections:
+    sections = [method.section] + [s for o in method.objectives for s in o.sections()]
+    for section in filter(None, sections):
       if section not in config:
         owner = next((m for m in registered() if m.section == section), method)
         with config.unlocked():
@@ -134,11 +165,13 @@ def build_objective(cls: type, config, feature_names: Sequence[str] = (),
                     num_steps: int = 1) -> Objective:
   """An objective of class `cls` from its section of `config`, for a student with
   `feature_names` and a stage of `num_steps`."""
-  return cls.from_config(config[cls.section], feature_names, num_steps)
+  return cls.build(config, feature_names, num_steps)
 
 
 def objective_label(name: str) -> str:
   """The label of the objective named `name` (a stage kind), else `name`."""
+  if "+" in name:
+    return " + ".join(objective_label(part) for part in name.split("+"))
   for method in registered():
     for objective in method.objectives:
       if objective.name == name:

@@ -21,7 +21,9 @@ An objective's interface (shapes):
   from the student's weights; the features may be ShapeDtypeStructs.
 - `objective(params, targets, logits, features, step)`: the loss of each example
   `(B,)` from the student's outputs in train mode; the trainer averages it over the
-  batch (and adds the cross-entropy in a main-task stage).
+  batch (and adds the cross-entropy in a main-task stage). A loss over the whole batch
+  (relations between examples) is given to every example, `jnp.full((B,), loss)`. An
+  objective with `reads_labels` also gets `labels=` `(B,)` int.
 """
 from __future__ import annotations
 
@@ -58,6 +60,23 @@ class Objective:
   label: ClassVar[str] = ""
   section: ClassVar[str] = ""
   reads_features: ClassVar[bool] = False
+  reads_labels: ClassVar[bool] = False
+
+  @classmethod
+  def build(cls, config, feature_names: Sequence[str] = (),
+            num_steps: int = 1) -> "Objective":
+    """The objective of an experiment config (its section `config.<section>`)."""
+    return cls.from_config(config[cls.section], feature_names, num_steps)
+
+  @classmethod
+  def sections(cls) -> Tuple[str, ...]:
+    """The config sections it is built from."""
+    return (cls.section,)
+
+  @classmethod
+  def fingerprint_of(cls, config, as_term: bool) -> Dict[str, Any]:
+    """`fingerprint` of its section of the experiment config."""
+    return cls.fingerprint(config[cls.section], as_term)
 
   @classmethod
   def from_config(cls, section, feature_names: Sequence[str] = (),
@@ -85,6 +104,102 @@ class Objective:
 
   def objective(self, params: Params, targets, logits, features, step):
     raise NotImplementedError
+
+
+def term_fingerprint(cls, config) -> Dict[str, Any]:
+  """The `distill` entry of an objective added as a term: its name and section."""
+  return cls.fingerprint_of(config, True)["distill"]
+
+
+class Sum(Objective):
+  """Several terms added to one main-task stage (`config.methods` entry 'at+kd'),
+  each built from its own section with its own weight. Subclassed per combination by
+  `summed` (its `parts` are the objectives' classes)."""
+  parts: ClassVar[Tuple[type, ...]] = ()
+
+  def __init__(self, objectives):
+    self.objectives = tuple(objectives)
+
+  def __eq__(self, other):
+    return type(self) is type(other) and self.objectives == other.objectives
+
+  def __hash__(self):
+    return hash((type(self), self.objectives))
+
+  def __repr__(self):
+    return f"{type(self).__name__}{self.objectives!r}"
+
+  @property
+  def reads_labels_any(self) -> bool:
+    return any(o.reads_labels for o in self.objectives)
+
+  @classmethod
+  def build(cls, config, feature_names: Sequence[str] = (), num_steps: int = 1):
+    return cls(p.build(config, feature_names, num_steps) for p in cls.parts)
+
+  @classmethod
+  def sections(cls) -> Tuple[str, ...]:
+    return tuple(s for p in cls.parts for s in p.sections())
+
+  @classmethod
+  def fingerprint_of(cls, config, as_term: bool) -> Dict[str, Any]:
+    return {"distill": {"method": cls.name,
+                        "terms": [term_fingerprint(p, config) for p in cls.parts]}}
+
+  def init(self, rng, teacher_features, student_features) -> Params:
+    import jax  # (kept light at import)
+    return {o.name: o.init(jax.random.fold_in(rng, k), teacher_features,
+                           student_features)
+            for k, o in enumerate(self.objectives)}
+
+  def teacher_targets(self, logits, features):
+    return tuple(o.teacher_targets(logits, features) for o in self.objectives)
+
+  def objective(self, params, targets, logits, features, step, labels=None):
+    total = 0.0
+    for o, t in zip(self.objectives, targets):
+      extra = {"labels": labels} if o.reads_labels else {}
+      total = total + o.objective(params[o.name], t, logits, features, step, **extra)
+    return total
+
+
+def summed(parts: Sequence[type]) -> type:
+  """The `Sum` objective class of `parts` (term objectives), named 'a+b'."""
+  name = "+".join(p.name for p in parts)
+  return type(f"Sum_{name.replace('+', '_')}", (Sum,), {
+      "parts": tuple(parts), "name": name,
+      "label": " + ".join(p.label for p in parts), "section": "",
+      "reads_features": any(p.reads_features for p in parts),
+      "reads_labels": any(p.reads_labels for p in parts)})
+
+
+def resolve_layers(given: Sequence, feature_names: Sequence[str], default,
+                   field: str) -> Tuple[str, ...]:
+  """The feature names a method reads: `given` (names, or indices into
+  `feature_names`), else `default(feature_names)`."""
+  from fsp_jax import fsp as fsp_lib  # (fsp imports jax)
+  if given:
+    return tuple(fsp_lib.resolve_name(g, feature_names, f"{field} entry")
+                 for g in given)
+  layers = tuple(default(tuple(feature_names)))
+  if not layers:
+    raise ConfigError(f"config.{field} is empty and the student has no features to "
+                      "read by default; name them (config.student.features).", field)
+  return layers
+
+
+def embedding(feature):
+  """`(B, D)` float32: a feature map `(B, H, W, C)` averaged over its positions (the
+  input of a ResNet's classifier for the last section's map), or `(B, D)` as is."""
+  import jax.numpy as jnp
+  x = feature.astype(jnp.float32)
+  return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1) if x.ndim > 2 else x
+
+
+def batch_loss(loss, logits):
+  """A loss over the whole batch, given to every example: `(B,)`."""
+  import jax.numpy as jnp
+  return jnp.full((logits.shape[0],), loss, jnp.float32)
 
 
 def check_feature(name: str, features, what: str) -> None:
@@ -139,7 +254,12 @@ class Method:
 
   @property
   def objectives(self) -> Tuple[type, ...]:
-    return tuple(o for o in (self.stage_one, self.term) if o is not None)
+    """Its objectives' classes (a sum's parts each)."""
+    out = []
+    for o in (self.stage_one, self.term):
+      if o is not None:
+        out.extend(o.parts if issubclass(o, Sum) else (o,))
+    return tuple(out)
 
   @property
   def reads_features(self) -> bool:

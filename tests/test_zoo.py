@@ -1,0 +1,111 @@
+"""The field's term methods (AT, SP, PKT, RKD, NST, DKD) and sums of them ('at+kd'):
+each through the whole pipeline on the smoke config, their layers, weights and sums."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsp_jax import config_lib, losses, methods, metrics, stages, train, validation
+
+TERMS = ("at", "sp", "pkt", "rkd", "nst", "dkd")
+
+
+def smoke(**overrides):
+  config = config_lib.load("quickstart:smoke")
+  config.baselines = ()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  """The smoke teacher, trained once for the runs here."""
+  workdir = tmp_path_factory.mktemp("teacher")
+  train.run(smoke(teacher_only=True), str(workdir))
+  return str(workdir / "teacher")
+
+
+@pytest.mark.parametrize("name", TERMS + ("at+kd",))
+def test_each_method_trains_its_term_beside_the_cross_entropy(name, tmp_path, teacher):
+  config = smoke(methods=(name,), **{"teacher.checkpoint": teacher})
+  results = train.run(config, str(tmp_path))
+  assert set(results) == {name}
+  assert 0.0 < results[name]["test_accuracy"] <= 1.0 and results[name]["steps"] == 8
+  records = [r for r in metrics.read_jsonl(str(tmp_path / name / metrics.JSONL))
+             if "loss" in r]
+  key = f"{name}_loss"
+  assert records and all(key in r and "task_loss" in r for r in records)
+  # The term is there (not 0: teacher and student differ) and finite.
+  assert all(math.isfinite(r[key]) and r[key] > 0 for r in records)
+  for r in records:
+    assert r["loss"] == pytest.approx(r["task_loss"] + r[key], rel=1e-5)
+  info = json.load(open(tmp_path / name / "stage.json"))["fingerprint"]
+  assert info["distill"]["method"] == name and "teacher" in info
+
+
+def test_a_sum_is_its_parts_and_runs_seeds_side_by_side(tmp_path, teacher):
+  config = smoke(**{"methods": ("at+kd",), "num_seeds": 2, "steps_per_call": 2,
+                    "data.pipeline": "device", "teacher.checkpoint": teacher})
+  exp = stages.setup(config, str(tmp_path))
+  stage = exp.stages[0]
+  total = exp.objective(stage)
+  at, kd = total.objectives
+  assert (type(at), type(kd)) == (methods.AT, methods.KD)
+  assert at.weight == 1000.0 and at.layers == ("section1", "section2", "section3")
+  rng = np.random.default_rng(0)
+  feats = {n: jnp.asarray(rng.normal(size=(4, 8 >> k, 8 >> k, 16 << k)), jnp.float32)
+           for k, n in enumerate(("section1", "section2", "section3"))}
+  t_feats = {n: f + 0.5 for n, f in feats.items()}
+  logits = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+  targets = total.teacher_targets(logits * 2, t_feats)
+  got = total.objective({"at": {}, "kd": {}}, targets, logits, feats, 3)
+  want = (at.objective({}, targets[0], logits, feats, 3)
+          + kd.objective({}, targets[1], logits, feats, 3))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  want_at = 1000.0 * sum(losses.at_loss(feats[n], t_feats[n]) for n in feats)
+  np.testing.assert_allclose(at.objective({}, targets[0], logits, feats, 3),
+                             np.full(4, want_at), rtol=1e-5)
+  results = train.run(config, str(tmp_path))
+  assert [p["seed"] for p in results["at+kd"]["per_seed"]] == [0, 1]
+
+
+def test_layers_by_name_or_index_and_bad_ones_before_training(tmp_path, teacher):
+  names = ("stem", "section1", "section2", "section3")
+  config = smoke()
+  defaults = {m: methods.build_objective(methods.get(m).term, config, names).layers
+              for m in ("at", "sp", "pkt", "rkd", "nst")}
+  assert defaults == {"at": names[1:], "sp": names[-1:], "pkt": names[-1:],
+                      "rkd": names[-1:], "nst": names[1:]}
+  config.sp.layers = (1, "section2")
+  assert methods.build_objective(methods.SP, config, names).layers == (
+      "section1", "section2")
+  bad = smoke(methods=("nst",), **{"teacher.checkpoint": teacher,
+                                   "nst.layers": ("section9",)})
+  with pytest.raises(validation.ConfigError, match="'section9'"):
+    stages.setup(bad, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad" / "nst").exists()
+  with pytest.raises(validation.ConfigError, match=r"config.at.weight must be"):
+    validation.check_config(smoke(methods=("at",), **{"at.weight": 0.0}))
+  with pytest.raises(validation.ConfigError, match="only methods that add a term"):
+    methods.get("fsp+kd")
+
+
+def test_dkd_warms_its_term_up_over_the_first_twentieth_and_a_bit():
+  dkd = methods.DKD(num_steps=240)  # 20 of 240 steps, as mdistiller's epochs.
+  np.testing.assert_allclose([float(dkd.warmup_at(s)) for s in (0, 9, 19, 100)],
+                             [1 / 20, 10 / 20, 1.0, 1.0], rtol=1e-6)
+  rng = np.random.default_rng(1)
+  s, t = (jnp.asarray(rng.normal(size=(6, 10)), jnp.float32) for _ in range(2))
+  labels = jnp.asarray(rng.integers(0, 10, 6))
+  got = dkd.objective({}, t, s, {}, 239, labels=labels)
+  np.testing.assert_allclose(got, np.full(6, losses.dkd_loss(s, t, labels)), rtol=1e-6)
+  assert jax.tree.leaves(jax.grad(lambda x: dkd.objective(
+      {}, t, x, {}, 5, labels=labels).mean())(s))[0].shape == (6, 10)
