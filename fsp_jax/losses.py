@@ -78,7 +78,7 @@ def _pool_to(f: jax.Array, height: int, width: int) -> jax.Array:
   return jnp.mean(f.reshape(b, height, h // height, width, w // width, c), axis=(2, 4))
 
 
-def _match_spatial(f_s: jax.Array, f_t: jax.Array, what: str
+def match_spatial(f_s: jax.Array, f_t: jax.Array, what: str
                    ) -> Tuple[jax.Array, jax.Array]:
   """Pools the larger of two maps `(B, H, W, C)` down to the smaller's `H, W`
   (RepDistiller: `adaptive_avg_pool2d`). Raises ConfigError (one line) where the
@@ -165,7 +165,7 @@ def at_loss(student_map: jax.Array, teacher_map: jax.Array, p=2) -> jax.Array:
   Returns:
     scalar float32. Raises ConfigError (one line) where the sizes cannot be pooled.
   """
-  f_s, f_t = _match_spatial(_f32(student_map), _f32(teacher_map), "at_loss")
+  f_s, f_t = match_spatial(_f32(student_map), _f32(teacher_map), "at_loss")
   return jnp.mean((_attention(f_s, p) - _attention(f_t, p)) ** 2)
 
 
@@ -296,7 +296,7 @@ def nst_loss(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
   Returns:
     scalar float32. Raises ConfigError (one line) where the sizes cannot be pooled.
   """
-  f_s, f_t = _match_spatial(_f32(student_map), _f32(teacher_map), "nst_loss")
+  f_s, f_t = match_spatial(_f32(student_map), _f32(teacher_map), "nst_loss")
   f_s, f_t = _channel_vectors(f_s), _channel_vectors(f_t)
   return (jax.lax.stop_gradient(jnp.mean(_poly_kernel(f_t, f_t)))
           + jnp.mean(_poly_kernel(f_s, f_s)) - 2.0 * jnp.mean(_poly_kernel(f_s, f_t)))

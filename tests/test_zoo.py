@@ -1,4 +1,4 @@
-"""The field's term methods (AT, SP, PKT, RKD, NST, DKD) and sums of them ('at+kd'):
+"""The field's term methods (AT, SP, PKT, RKD, NST, CC, VID, DKD) and sums of them ('at+kd'):
 each through the whole pipeline on the smoke config, their layers, weights and sums."""
 import json
 import math
@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsp_jax import config_lib, losses, methods, metrics, stages, train, validation
+import orbax.checkpoint as ocp
 
-TERMS = ("at", "sp", "pkt", "rkd", "nst", "dkd")
+from fsp_jax import (checkpoints, config_lib, losses, methods, metrics, stages, train,
+                     validation)
+
+TERMS = ("at", "sp", "pkt", "rkd", "nst", "cc", "vid", "dkd")
 
 
 def smoke(**overrides):
@@ -49,6 +52,18 @@ def test_each_method_trains_its_term_beside_the_cross_entropy(name, tmp_path, te
     assert r["loss"] == pytest.approx(r["task_loss"] + r[key], rel=1e-5)
   info = json.load(open(tmp_path / name / "stage.json"))["fingerprint"]
   assert info["distill"]["method"] == name and "teacher" in info
+  # A method's own parameters (CC's embeddings, VID's regressors) trained with the
+  # student, saved apart from it.
+  exp = stages.setup(config, str(tmp_path))
+  stage = exp.stages[0]
+  initial = stages.initial_distiller_params(exp, stage, exp.objective(stage))
+  if jax.tree.leaves(initial):
+    with checkpoints.manager(str(tmp_path / name)) as mngr:
+      saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+          distiller=ocp.args.StandardRestore(initial))).distiller
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         initial, saved)
+    assert all(jax.tree.leaves(moved)), moved
 
 
 def test_a_sum_is_its_parts_and_runs_seeds_side_by_side(tmp_path, teacher):
@@ -109,3 +124,26 @@ def test_dkd_warms_its_term_up_over_the_first_twentieth_and_a_bit():
   np.testing.assert_allclose(got, np.full(6, losses.dkd_loss(s, t, labels)), rtol=1e-6)
   assert jax.tree.leaves(jax.grad(lambda x: dkd.objective(
       {}, t, x, {}, 5, labels=labels).mean())(s))[0].shape == (6, 10)
+
+
+def test_ab_is_a_stage_one_method_like_fsp(tmp_path, teacher):
+  config = smoke(methods=("ab",), **{"teacher.checkpoint": teacher})
+  assert [s.name for s in stages.plan_stages(config)] == ["ab_init", "ab"]
+  results = train.run(config, str(tmp_path))
+  assert set(results) == {"ab_init", "ab"}
+  assert math.isfinite(results["ab_init"]["test_ab_loss"])
+  records = [r for r in metrics.read_jsonl(str(tmp_path / "ab_init" / metrics.JSONL))
+             if "loss" in r]
+  assert records[0]["loss"] > 0 and "task_loss" not in records[0]  # No labels.
+  # Per example, Eq. of the AB paper (RepDistiller's sum / batch size) in NumPy.
+  ab = methods.AB(("section1",))
+  rng = np.random.default_rng(2)
+  r = rng.normal(size=(3, 4, 4, 5)).astype(np.float32)
+  t = rng.normal(size=(3, 4, 4, 5)).astype(np.float32)
+  params = {"section1": {"kernel": np.eye(5, dtype=np.float32),
+                         "scale": np.ones(5, np.float32), "bias": np.zeros(5, np.float32)}}
+  connected = np.asarray(ab.connect(params["section1"], jnp.asarray(r)), np.float64)
+  want = ((connected + 1) ** 2 * ((connected > -1) & (t <= 0))
+          + (connected - 1) ** 2 * ((connected <= 1) & (t > 0))).sum((1, 2, 3)) * 3e-3
+  got = ab.objective(params, (jnp.asarray(t),), None, {"section1": jnp.asarray(r)}, 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
