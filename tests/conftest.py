@@ -42,6 +42,25 @@ def cifar10_folder(tmp_path_factory):
   return str(out / "cifar10")
 
 
+@pytest.fixture(scope="session")
+def smoke_teacher(tmp_path_factory):
+  """A trained `quickstart:smoke` teacher's stage folder, trained once for the whole
+  session (the pytest-xdist workers share it through a lock), for tests whose subject
+  is what comes after the teacher."""
+  import fcntl
+
+  root = tmp_path_factory.getbasetemp().parent / "smoke_teacher"
+  root.mkdir(exist_ok=True)
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # One worker trains; the others wait, then read.
+    if not (root / "results.json").exists():
+      from fsp_jax import config_lib, train
+      config = config_lib.load("quickstart:smoke")
+      config.teacher_only = True
+      train.run(config, str(root))
+  return str(root / "teacher")
+
+
 def with_devices(env, n):
   """`env` with XLA faking `n` CPU devices (for a subprocess)."""
   flags = [f for f in env.get("XLA_FLAGS", "").split()

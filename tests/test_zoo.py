@@ -28,42 +28,47 @@ def smoke(**overrides):
   return config
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-  """The smoke teacher, trained once for the runs here."""
-  workdir = tmp_path_factory.mktemp("teacher")
-  train.run(smoke(teacher_only=True), str(workdir))
-  return str(workdir / "teacher")
+@pytest.fixture
+def teacher(smoke_teacher):
+  """The smoke teacher (trained once for the session)."""
+  return smoke_teacher
 
 
-@pytest.mark.parametrize("name", TERMS + ("at+kd",))
-def test_each_method_trains_its_term_beside_the_cross_entropy(name, tmp_path, teacher):
-  config = smoke(methods=(name,), **{"teacher.checkpoint": teacher})
+def test_each_method_trains_its_term_beside_the_cross_entropy(tmp_path, teacher):
+  """Every term method in one run (one main-task stage each, the same teacher)."""
+  config = smoke(methods=TERMS, **{"teacher.checkpoint": teacher})
   results = train.run(config, str(tmp_path))
-  assert set(results) == {name}
-  assert 0.0 < results[name]["test_accuracy"] <= 1.0 and results[name]["steps"] == 8
-  records = [r for r in metrics.read_jsonl(str(tmp_path / name / metrics.JSONL))
+  assert set(results) == set(TERMS)
+  exp = stages.setup(config, str(tmp_path))
+  for name, stage in zip(TERMS, exp.stages):
+    assert stage.name == name and stage.distill == name
+    _check_term_stage(tmp_path / name, name, results[name])
+    # A method's own parameters (CC's embeddings, VID's regressors) trained with the
+    # student, saved apart from it.
+    initial = stages.initial_distiller_params(exp, stage, exp.objective(stage))
+    assert bool(jax.tree.leaves(initial)) == (name in ("cc", "vid")), name
+    if jax.tree.leaves(initial):
+      with checkpoints.manager(str(tmp_path / name)) as mngr:
+        saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+            distiller=ocp.args.StandardRestore(initial))).distiller
+      moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                           initial, saved)
+      assert all(jax.tree.leaves(moved)), (name, moved)
+
+
+def _check_term_stage(stage_dir, name, result):
+  """A main-task stage with a method's term: trained, the term logged beside the
+  cross-entropy (not 0: teacher and student differ; finite), fingerprinted."""
+  assert 0.0 < result["test_accuracy"] <= 1.0 and result["steps"] == 8
+  records = [r for r in metrics.read_jsonl(str(stage_dir / metrics.JSONL))
              if "loss" in r]
   key = f"{name}_loss"
-  assert records and all(key in r and "task_loss" in r for r in records)
-  # The term is there (not 0: teacher and student differ) and finite.
-  assert all(math.isfinite(r[key]) and r[key] > 0 for r in records)
+  assert records and all(key in r and "task_loss" in r for r in records), name
+  assert all(math.isfinite(r[key]) and r[key] > 0 for r in records), name
   for r in records:
-    assert r["loss"] == pytest.approx(r["task_loss"] + r[key], rel=1e-5)
-  info = json.load(open(tmp_path / name / "stage.json"))["fingerprint"]
-  assert info["distill"]["method"] == name and "teacher" in info
-  # A method's own parameters (CC's embeddings, VID's regressors) trained with the
-  # student, saved apart from it.
-  exp = stages.setup(config, str(tmp_path))
-  stage = exp.stages[0]
-  initial = stages.initial_distiller_params(exp, stage, exp.objective(stage))
-  if jax.tree.leaves(initial):
-    with checkpoints.manager(str(tmp_path / name)) as mngr:
-      saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-          distiller=ocp.args.StandardRestore(initial))).distiller
-    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                         initial, saved)
-    assert all(jax.tree.leaves(moved)), moved
+    assert r["loss"] == pytest.approx(r["task_loss"] + r[key], rel=1e-5), name
+  info = json.load(open(stage_dir / "stage.json"))["fingerprint"]
+  assert info["distill"]["method"] == name and "teacher" in info, name
 
 
 def test_a_sum_is_its_parts_and_runs_seeds_side_by_side(tmp_path, teacher):
@@ -90,6 +95,7 @@ def test_a_sum_is_its_parts_and_runs_seeds_side_by_side(tmp_path, teacher):
                              np.full(4, want_at), rtol=1e-5)
   results = train.run(config, str(tmp_path))
   assert [p["seed"] for p in results["at+kd"]["per_seed"]] == [0, 1]
+  _check_term_stage(tmp_path / "at+kd", "at+kd", results["at+kd"])
 
 
 def test_layers_by_name_or_index_and_bad_ones_before_training(tmp_path, teacher):
