@@ -42,23 +42,32 @@ def cifar10_folder(tmp_path_factory):
   return str(out / "cifar10")
 
 
-@pytest.fixture(scope="session")
-def smoke_teacher(tmp_path_factory):
-  """A trained `quickstart:smoke` teacher's stage folder, trained once for the whole
-  session (the pytest-xdist workers share it through a lock), for tests whose subject
-  is what comes after the teacher."""
+def shared_dir(tmp_path_factory, name: str, build):
+  """A folder made once for the whole test session by `build(path)`, shared by the
+  pytest-xdist workers (one builds it under a lock, the others wait, then read it):
+  for runs that several tests only read. `build` must succeed or raise."""
   import fcntl
 
-  root = tmp_path_factory.getbasetemp().parent / "smoke_teacher"
+  root = tmp_path_factory.getbasetemp().parent / f"shared_{name}"
   root.mkdir(exist_ok=True)
-  with open(root / "lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # One worker trains; the others wait, then read.
-    if not (root / "results.json").exists():
-      from fsp_jax import config_lib, train
-      config = config_lib.load("quickstart:smoke")
-      config.teacher_only = True
-      train.run(config, str(root))
-  return str(root / "teacher")
+  with open(root / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / ".built").exists():
+      build(root / "dir")
+      (root / ".built").write_text("")
+  return root / "dir"
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher(tmp_path_factory):
+  """A trained `quickstart:smoke` teacher's stage folder, trained once for the session,
+  for tests whose subject is what comes after the teacher."""
+  def build(workdir):
+    from fsp_jax import config_lib, train
+    config = config_lib.load("quickstart:smoke")
+    config.teacher_only = True
+    train.run(config, str(workdir))
+  return str(shared_dir(tmp_path_factory, "smoke_teacher", build) / "teacher")
 
 
 def with_devices(env, n):

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import shared_dir
 from fsp_jax import data, fsp, methods, models, stages, train
 from fsp_jax.configs import default
 
@@ -95,10 +96,10 @@ def _losses(stage_dir):
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
   """A trained teacher stage directory of `tiny_config`, shared by the tests here."""
-  workdir = tmp_path_factory.mktemp("teacher")
   config = tiny_config(augment=False)
   config.teacher_only = True
-  train.run(config, str(workdir))
+  workdir = shared_dir(tmp_path_factory, "fsp_cache_teacher",
+                       lambda d: train.run(config, str(d)))
   return str(workdir / "teacher")
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator, event_multiplexer
 
+from conftest import shared_dir
 from fsp_jax import config_lib, plots, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,8 +21,10 @@ def tiny_run(tmp_path_factory):
   config = config_lib.load("quickstart:smoke")
   assert tuple(config.baselines) == ("scratch",)
   config.checkpoint_every = 100
-  workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  return workdir, train.run(config, workdir)
+  # Made once for the session (the test workers share it): the tests only read it.
+  workdir = str(shared_dir(tmp_path_factory, "plots_tiny_run",
+                           lambda d: train.run(config, str(d))))
+  return workdir, json.load(open(os.path.join(workdir, "results.json")))
 
 
 def test_tensorboard_shows_one_run_per_stage(tiny_run):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import with_devices
+from conftest import shared_dir, with_devices
 from fsp_jax import checkpoints, metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,10 +137,11 @@ def tree_digest(path):
 @pytest.fixture(scope="module")
 def clean_run(env, tmp_path_factory):
   """The uninterrupted run (one process, two devices) others are compared with."""
-  workdir = tmp_path_factory.mktemp("clean")
-  rc, out = run_cli(env, workdir)
-  assert rc == 0, out
-  return workdir
+  def build(workdir):
+    rc, out = run_cli(env, workdir)
+    assert rc == 0, out
+  # Made once for the session (the test workers share it): the tests only read it.
+  return shared_dir(tmp_path_factory, "reliability_clean_run", build)
 
 
 def assert_same_run(workdir, clean):

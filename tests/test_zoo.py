@@ -1,5 +1,6 @@
-"""The field's term methods (AT, SP, PKT, RKD, NST, CC, VID, DKD) and sums of them ('at+kd'):
-each through the whole pipeline on the smoke config, their layers, weights and sums."""
+"""The field's methods (AT, SP, PKT, RKD, NST, CC, VID, DKD terms, AB's stage 1) and
+sums of terms ('at+kd'): all through one run of the smoke config with two seeds side
+by side, their layers, weights, sums and formulas."""
 import json
 import math
 
@@ -34,14 +35,17 @@ def teacher(smoke_teacher):
   return smoke_teacher
 
 
-def test_each_method_trains_its_term_beside_the_cross_entropy(tmp_path, teacher):
-  """Every term method in one run (one main-task stage each, the same teacher)."""
-  config = smoke(methods=TERMS, **{"teacher.checkpoint": teacher})
+def test_every_method_in_one_run(tmp_path, teacher):
+  """Every term method, a sum and AB's two stages in one run (the same teacher)."""
+  config = smoke(**{"methods": TERMS + ("at+kd", "ab"),
+                    "teacher.checkpoint": teacher})
   results = train.run(config, str(tmp_path))
-  assert set(results) == set(TERMS)
+  assert set(results) == set(TERMS) | {"at+kd", "ab_init", "ab"}
   exp = stages.setup(config, str(tmp_path))
-  for name, stage in zip(TERMS, exp.stages):
-    assert stage.name == name and stage.distill == name
+  by_name = {s.name: s for s in exp.stages}
+  for name in TERMS + ("at+kd",):
+    stage = by_name[name]
+    assert stage.distill == name
     _check_term_stage(tmp_path / name, name, results[name])
     # A method's own parameters (CC's embeddings, VID's regressors) trained with the
     # student, saved apart from it.
@@ -54,6 +58,21 @@ def test_each_method_trains_its_term_beside_the_cross_entropy(tmp_path, teacher)
       moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                            initial, saved)
       assert all(jax.tree.leaves(moved)), (name, moved)
+  # AB: a stage 1 (no labels) whose weights start its main-task stage.
+  assert by_name["ab"].init_from == "ab_init"
+  assert math.isfinite(results["ab_init"]["test_ab_loss"])
+  records = [r for r in metrics.read_jsonl(str(tmp_path / "ab_init" / metrics.JSONL))
+             if "loss" in r]
+  assert records[0]["loss"] > 0 and "task_loss" not in records[0]
+  assert 0.0 < results["ab"]["test_accuracy"] <= 1.0
+
+
+def test_a_sum_trains_seeds_side_by_side_from_the_device(tmp_path, teacher):
+  config = smoke(**{"methods": ("at+kd",), "num_seeds": 2, "steps_per_call": 2,
+                    "data.pipeline": "device", "teacher.checkpoint": teacher})
+  results = train.run(config, str(tmp_path))
+  assert [p["seed"] for p in results["at+kd"]["per_seed"]] == [0, 1]
+  _check_term_stage(tmp_path / "at+kd", "at+kd", results["at+kd"])
 
 
 def _check_term_stage(stage_dir, name, result):
@@ -71,9 +90,8 @@ def _check_term_stage(stage_dir, name, result):
   assert info["distill"]["method"] == name and "teacher" in info, name
 
 
-def test_a_sum_is_its_parts_and_runs_seeds_side_by_side(tmp_path, teacher):
-  config = smoke(**{"methods": ("at+kd",), "num_seeds": 2, "steps_per_call": 2,
-                    "data.pipeline": "device", "teacher.checkpoint": teacher})
+def test_a_sum_is_its_parts(tmp_path, teacher):
+  config = smoke(**{"methods": ("at+kd",), "teacher.checkpoint": teacher})
   exp = stages.setup(config, str(tmp_path))
   stage = exp.stages[0]
   total = exp.objective(stage)
@@ -93,9 +111,6 @@ def test_a_sum_is_its_parts_and_runs_seeds_side_by_side(tmp_path, teacher):
   want_at = 1000.0 * sum(losses.at_loss(feats[n], t_feats[n]) for n in feats)
   np.testing.assert_allclose(at.objective({}, targets[0], logits, feats, 3),
                              np.full(4, want_at), rtol=1e-5)
-  results = train.run(config, str(tmp_path))
-  assert [p["seed"] for p in results["at+kd"]["per_seed"]] == [0, 1]
-  _check_term_stage(tmp_path / "at+kd", "at+kd", results["at+kd"])
 
 
 def test_layers_by_name_or_index_and_bad_ones_before_training(tmp_path, teacher):
@@ -132,15 +147,10 @@ def test_dkd_warms_its_term_up_over_the_first_twentieth_and_a_bit():
       {}, t, x, {}, 5, labels=labels).mean())(s))[0].shape == (6, 10)
 
 
-def test_ab_is_a_stage_one_method_like_fsp(tmp_path, teacher):
-  config = smoke(methods=("ab",), **{"teacher.checkpoint": teacher})
-  assert [s.name for s in stages.plan_stages(config)] == ["ab_init", "ab"]
-  results = train.run(config, str(tmp_path))
-  assert set(results) == {"ab_init", "ab"}
-  assert math.isfinite(results["ab_init"]["test_ab_loss"])
-  records = [r for r in metrics.read_jsonl(str(tmp_path / "ab_init" / metrics.JSONL))
-             if "loss" in r]
-  assert records[0]["loss"] > 0 and "task_loss" not in records[0]  # No labels.
+def test_ab_is_a_stage_one_method_like_fsp():
+  config = smoke(methods=("ab",))
+  assert [s.name for s in stages.plan_stages(config)] == [
+      "teacher", "ab_init", "ab"]
   # Per example, Eq. of the AB paper (RepDistiller's sum / batch size) in NumPy.
   ab = methods.AB(("section1",))
   rng = np.random.default_rng(2)
