@@ -109,7 +109,7 @@ def _summed(name: str) -> Method:
     raise ConfigError(f"config.methods entry {name!r} names a method twice.", "methods")
   first = parts[0]
   method = Method(name=name, section=first.section, student_stage=name,
-                  label=" + ".join(p.label for p in parts),
+                  label="student with " + " + ".join(p.term.label for p in parts),
                   term=base.summed([p.term for p in parts]), defaults=first.defaults,
                   color=first.color)
   _REGISTRY[name] = method
