@@ -38,7 +38,7 @@ fi
 if [ "$DRY_RUN" = 1 ]; then
   SCALE=${SCALE:-0.0001}; BENCH=(--steps 2 --warmup 1 --batch_size 16 --teacher_depth 8)
   # Every bench command runs; those after the first time the main step only.
-  MORE=main
+  MORE=main; BF16=main
   # K=2 steps per call in the loop bench; the tables' runs one step per call (their
   # programs then compile in half the time; the K-step loop is the bench's).
   LOOP=(--loop_steps 4 --repeats 1 --batch_size 16 --seed_axis vmap); K=2; TABLE_K=1
@@ -54,7 +54,7 @@ if [ "$DRY_RUN" = 1 ]; then
   TORCH=(--steps 2 --warmup 1 --batch_size 16 --no_compile)
 else
   SCALE=${SCALE:-1.0}; BENCH=(--steps 50 --warmup 10); LOOP=(--loop_steps 1000 --repeats 3)
-  MORE=main,fsp
+  MORE=main,fsp; BF16=main,fsp,teacher
   K=${K:-200}; TABLE_K=$K; SEED_AXIS=auto
   DATA_DIR=${DATA_DIR:-/tmp/cifar10}
   if [ ! -d "$DATA_DIR/train" ]; then
@@ -70,7 +70,7 @@ cd "$OUT"
 stage "bench float32"
 "$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only main,fsp,teacher | tee "$OUT/bench_f32.json"
 stage "bench bfloat16"
-"$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only "$MORE",teacher --half_precision \
+"$PY" "$REPO"/benchmarks/bench.py "${BENCH[@]}" --only "$BF16" --half_precision \
     | tee "$OUT/bench_bf16.json"
 for axis in vmap unrolled; do
   stage "bench 3 seeds in one program, seed_axis=$axis"
