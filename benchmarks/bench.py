@@ -165,14 +165,15 @@ class Steps:
     """XLA's buffer assignment of the compiled step, in MB."""
     fn, st, args = self.fns[name]
     lowered = fn.lower(*args) if st is None else fn.lower(st, *args)
-    m = lowered.compile().memory_analysis()
+    compiled = lowered.compile()  # Once, for both analyses.
+    m = compiled.memory_analysis()
     if m is None:
       return {}
     mb = 1 / 2**20
     out = {"peak_mb": round((m.argument_size_in_bytes + m.output_size_in_bytes
                              - m.alias_size_in_bytes + m.temp_size_in_bytes) * mb, 1),
            "temp_mb": round(m.temp_size_in_bytes * mb, 1)}
-    cost = lowered.compile().cost_analysis()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops"):  # XLA's count for the whole call, all seeds.
       out["gflop_per_call"] = round(float(cost["flops"]) / 1e9, 3)
