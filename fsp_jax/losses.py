@@ -28,6 +28,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from fsp_jax import fsp as fsp_lib
 from fsp_jax.fsp import fsp_loss, fsp_matrix
 from fsp_jax.validation import ConfigError
 
@@ -71,33 +72,19 @@ def _smooth_l1(x: jax.Array, y: jax.Array, beta: float = 1.0) -> jax.Array:
   return jnp.mean(jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta))
 
 
-def _pool_to(f: jax.Array, height: int, width: int) -> jax.Array:
-  """Block-mean pooling of `f` `(B, H, W, C)` to `(B, height, width, C)` for H, W
-  integer multiples of height, width (= `F.adaptive_avg_pool2d` for those sizes)."""
-  b, h, w, c = f.shape
-  return jnp.mean(f.reshape(b, height, h // height, width, w // width, c), axis=(2, 4))
-
-
 def match_spatial(f_s: jax.Array, f_t: jax.Array, what: str
-                   ) -> Tuple[jax.Array, jax.Array]:
-  """Pools the larger of two maps `(B, H, W, C)` down to the smaller's `H, W`
-  (RepDistiller: `adaptive_avg_pool2d`). Raises ConfigError (one line) where the
-  shapes cannot be paired."""
-  if f_s.ndim != 4 or f_t.ndim != 4 or f_s.shape[0] != f_t.shape[0]:
+                  ) -> Tuple[jax.Array, jax.Array]:
+  """Pools the larger of two maps `(B, H, W, C)` down to the smaller's `H, W` by block
+  means (`fsp.match_spatial` with 'avg'; RepDistiller: `adaptive_avg_pool2d`). Raises
+  ConfigError (one line, naming `what` and both shapes) where they cannot be paired."""
+  try:
+    return fsp_lib.match_spatial(f_s, f_t, "avg")
+  except ValueError:
     raise ConfigError(
-        f"{what} needs channels-last maps (B, H, W, C) of one batch; got student "
-        f"{tuple(f_s.shape)} and teacher {tuple(f_t.shape)}.")
-  (hs, ws), (ht, wt) = f_s.shape[1:3], f_t.shape[1:3]
-  if (hs, ws) == (ht, wt):
-    return f_s, f_t
-  if hs >= ht and ws >= wt and hs % ht == 0 and ws % wt == 0:
-    return _pool_to(f_s, ht, wt), f_t
-  if ht >= hs and wt >= ws and ht % hs == 0 and wt % ws == 0:
-    return f_s, _pool_to(f_t, hs, ws)
-  raise ConfigError(
-      f"{what}: student map {tuple(f_s.shape)} and teacher map {tuple(f_t.shape)} "
-      f"cannot be pooled to one size ({hs}x{ws} vs {ht}x{wt}): the larger must be an "
-      "integer multiple of the smaller in height and width.")
+        f"{what}: student map {tuple(f_s.shape)} and teacher map {tuple(f_t.shape)} "
+        "cannot be pooled to one size: they must be channels-last maps (B, H, W, C) "
+        "of one batch, the larger an integer multiple of the smaller in height and "
+        "width.") from None
 
 
 def _pdist(e: jax.Array, eps: float = 1e-12) -> jax.Array:

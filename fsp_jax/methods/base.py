@@ -202,6 +202,64 @@ def batch_loss(loss, logits):
   return jnp.full((logits.shape[0],), loss, jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerTerm(Objective):
+  """A term comparing the student's and the teacher's features of the same names
+  (their maps, or with `embed` their embeddings), summed over `layers`, times
+  `weight`, over the whole batch (`batch_loss`). A subclass gives `pair_loss` and its
+  class attributes; its extra dataclass fields are read from its config section by
+  name.
+
+  Attributes:
+    layers: the features read, student and teacher alike.
+    weight: the term's weight (RepDistiller's beta).
+  """
+  layers: Tuple[str, ...]
+  weight: float = 1.0
+  reads_features = True
+  embed: ClassVar[bool] = False  # Read `embedding(map)` instead of the map.
+
+  @staticmethod
+  def default_layers(names: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The layers read where the config names none: each section's output."""
+    return names[1:]
+
+  @classmethod
+  def from_config(cls, section, feature_names: Sequence[str] = (), num_steps: int = 1):
+    del num_steps
+    layers = resolve_layers(section.layers, feature_names, cls.default_layers,
+                            f"{cls.section}.layers")
+    extra = {f.name: section[f.name] for f in dataclasses.fields(cls)
+             if f.name not in ("layers", "weight")}
+    return cls(layers, section.weight, **extra)
+
+  def init(self, rng, teacher_features, student_features) -> Params:
+    del rng
+    for layer in self.layers:
+      check_feature(layer, teacher_features, f"{self.label} layer")
+      check_feature(layer, student_features, f"{self.label} layer")
+    return {}
+
+  def read(self, feature):
+    return embedding(feature) if self.embed else feature
+
+  def teacher_targets(self, logits, features):
+    """The teacher's maps `(B, H, W, C)` (or embeddings `(B, D)`), one per layer."""
+    del logits
+    return tuple(self.read(features[layer]) for layer in self.layers)
+
+  def pair_loss(self, student, teacher):
+    """The batch's loss between one layer's student and teacher values (a scalar)."""
+    raise NotImplementedError
+
+  def objective(self, params: Params, targets, logits, features, step):
+    """`(B,)`: weight x the batch's loss summed over layers, for every example."""
+    del params, step
+    loss = sum(self.pair_loss(self.read(features[layer]), target)
+               for layer, target in zip(self.layers, targets))
+    return batch_loss(self.weight * loss, logits)
+
+
 def check_feature(name: str, features, what: str) -> None:
   """Fails (one line) where `name` is not among `features`."""
   if name not in features:

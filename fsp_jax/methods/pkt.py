@@ -14,56 +14,28 @@ the same names).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Tuple
 
-import jax
 import ml_collections
 
 from fsp_jax import losses
-from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, check_feature,
-                                  embedding, resolve_layers)
+from fsp_jax.methods.base import LayerTerm, Method
 
 
 @dataclasses.dataclass(frozen=True)
-class PKT(Objective):
-  """Probabilistic knowledge transfer on the penultimate embedding.
-
-  Attributes:
-    layers: the features read, student and teacher alike.
-    weight: the term's weight (RepDistiller's beta).
-  """
-  layers: Tuple[str, ...]
+class PKT(LayerTerm):
+  """Probabilistic knowledge transfer on the penultimate embedding."""
   weight: float = 30000.0
   name = "pkt"
   label = "PKT"
   section = "pkt"
-  reads_features = True
+  embed = True  # The penultimate embedding: the last map, averaged.
 
-  @classmethod
-  def from_config(cls, section, feature_names: Sequence[str] = (), num_steps: int = 1):
-    del num_steps
-    layers = resolve_layers(section.layers, feature_names, lambda names: names[-1:],
-                            "pkt.layers")
-    return cls(layers, section.weight)
+  @staticmethod
+  def default_layers(names):
+    return names[-1:]  # The last feature map.
 
-  def init(self, rng, teacher_features, student_features) -> Params:
-    for layer in self.layers:
-      check_feature(layer, teacher_features, "PKT layer")
-      check_feature(layer, student_features, "PKT layer")
-    return {}
-
-  def teacher_targets(self, logits, features):
-    """The teacher's embeddings `(B, D)`, one per layer."""
-    del logits
-    return tuple(embedding(features[layer]) for layer in self.layers)
-
-  def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
-    """`(B,)`: weight x the batch's loss (summed over layers), for every example."""
-    del params, step
-    loss = sum(
-        losses.pkt_loss(embedding(features[layer]), target)
-        for layer, target in zip(self.layers, targets))
-    return batch_loss(self.weight * loss, logits)
+  def pair_loss(self, student, teacher):
+    return losses.pkt_loss(student, teacher)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -75,5 +47,4 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 METHOD = Method(name="pkt", section="pkt", label="student with PKT",
-                student_stage="pkt", term=PKT, color="tab:cyan",
-                defaults=defaults)
+                student_stage="pkt", term=PKT, color="tab:cyan", defaults=defaults)

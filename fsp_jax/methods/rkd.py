@@ -14,60 +14,31 @@ the same names).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Tuple
 
-import jax
 import ml_collections
 
 from fsp_jax import losses
-from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, check_feature,
-                                  embedding, resolve_layers)
+from fsp_jax.methods.base import LayerTerm, Method
 
 
 @dataclasses.dataclass(frozen=True)
-class RKD(Objective):
-  """Relational KD: distances and angles among the batch's embeddings.
-
-  Attributes:
-    layers: the features read, student and teacher alike.
-    weight: the term's weight (RepDistiller's beta).
-    distance_weight, angle_weight: the two parts' weights (25, 50).
-  """
-  layers: Tuple[str, ...]
+class RKD(LayerTerm):
+  """Relational KD: distances and angles among the batch's embeddings."""
   weight: float = 1.0
   distance_weight: float = 25.0
   angle_weight: float = 50.0
   name = "rkd"
   label = "RKD"
   section = "rkd"
-  reads_features = True
+  embed = True  # The penultimate embedding: the last map, averaged.
 
-  @classmethod
-  def from_config(cls, section, feature_names: Sequence[str] = (), num_steps: int = 1):
-    del num_steps
-    layers = resolve_layers(section.layers, feature_names, lambda names: names[-1:],
-                            "rkd.layers")
-    return cls(layers, section.weight, section.distance_weight, section.angle_weight)
+  @staticmethod
+  def default_layers(names):
+    return names[-1:]  # The last feature map.
 
-  def init(self, rng, teacher_features, student_features) -> Params:
-    for layer in self.layers:
-      check_feature(layer, teacher_features, "RKD layer")
-      check_feature(layer, student_features, "RKD layer")
-    return {}
-
-  def teacher_targets(self, logits, features):
-    """The teacher's embeddings `(B, D)`, one per layer."""
-    del logits
-    return tuple(embedding(features[layer]) for layer in self.layers)
-
-  def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
-    """`(B,)`: weight x the batch's loss (summed over layers), for every example."""
-    del params, step
-    loss = sum(
-        losses.rkd_loss(embedding(features[layer]), target, self.distance_weight,
-                        self.angle_weight)
-        for layer, target in zip(self.layers, targets))
-    return batch_loss(self.weight * loss, logits)
+  def pair_loss(self, student, teacher):
+    return losses.rkd_loss(student, teacher, self.distance_weight,
+                           self.angle_weight)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -81,5 +52,4 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 METHOD = Method(name="rkd", section="rkd", label="student with RKD",
-                student_stage="rkd", term=RKD, color="tab:gray",
-                defaults=defaults)
+                student_stage="rkd", term=RKD, color="tab:gray", defaults=defaults)

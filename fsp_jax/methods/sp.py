@@ -13,56 +13,27 @@ teacher's of the same names).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Tuple
 
-import jax
 import ml_collections
 
 from fsp_jax import losses
-from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, check_feature,
-                                  embedding, resolve_layers)
+from fsp_jax.methods.base import LayerTerm, Method
 
 
 @dataclasses.dataclass(frozen=True)
-class SP(Objective):
-  """Similarity preserving: the batch's example-by-example similarity matrix.
-
-  Attributes:
-    layers: the features read, student and teacher alike.
-    weight: the term's weight (RepDistiller's beta).
-  """
-  layers: Tuple[str, ...]
+class SP(LayerTerm):
+  """Similarity preserving: the batch's example-by-example similarity matrix."""
   weight: float = 3000.0
   name = "sp"
   label = "SP"
   section = "sp"
-  reads_features = True
 
-  @classmethod
-  def from_config(cls, section, feature_names: Sequence[str] = (), num_steps: int = 1):
-    del num_steps
-    layers = resolve_layers(section.layers, feature_names, lambda names: names[-1:],
-                            "sp.layers")
-    return cls(layers, section.weight)
+  @staticmethod
+  def default_layers(names):
+    return names[-1:]  # The last feature map.
 
-  def init(self, rng, teacher_features, student_features) -> Params:
-    for layer in self.layers:
-      check_feature(layer, teacher_features, "SP layer")
-      check_feature(layer, student_features, "SP layer")
-    return {}
-
-  def teacher_targets(self, logits, features):
-    """The teacher's feature maps `(B, H, W, C)`, one per layer."""
-    del logits
-    return tuple(features[layer] for layer in self.layers)
-
-  def objective(self, params: Params, targets, logits, features, step) -> jax.Array:
-    """`(B,)`: weight x the batch's loss (summed over layers), for every example."""
-    del params, step
-    loss = sum(
-        losses.sp_loss(features[layer], target)
-        for layer, target in zip(self.layers, targets))
-    return batch_loss(self.weight * loss, logits)
+  def pair_loss(self, student, teacher):
+    return losses.sp_loss(student, teacher)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -74,5 +45,4 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 METHOD = Method(name="sp", section="sp", label="student with SP",
-                student_stage="sp", term=SP, color="tab:pink",
-                defaults=defaults)
+                student_stage="sp", term=SP, color="tab:pink", defaults=defaults)
