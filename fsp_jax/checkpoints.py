@@ -42,7 +42,7 @@ from fsp_jax.validation import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 STAGE_INFO = "stage.json"
-ITEMS = ("model", "optimizer", "meta", "distiller")
+ITEMS = ("model", "optimizer", "meta", "distiller", "objective_state")
 CORRUPT_SUFFIX = ".corrupt-"
 log = logging.getLogger("fsp_jax")
 # Errors of a storage that cannot take a write (full, quota, failing, read-only).
@@ -63,7 +63,8 @@ def _item_handlers():
   return {"model": ocp.StandardCheckpointHandler(),
           "optimizer": ocp.StandardCheckpointHandler(),
           "meta": ocp.JsonCheckpointHandler(),
-          "distiller": ocp.StandardCheckpointHandler()}
+          "distiller": ocp.StandardCheckpointHandler(),
+          "objective_state": ocp.StandardCheckpointHandler()}
 
 
 def _chain(e: BaseException) -> List[BaseException]:
@@ -222,6 +223,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state,
       meta=ocp.args.JsonSave(meta or {}))
   if state.distiller_params:
     items["distiller"] = ocp.args.StandardSave(state.distiller_params)
+  if state.objective_state:  # A stateful objective's (CRD's memory bank).
+    items["objective_state"] = ocp.args.StandardSave(state.objective_state)
   mngr.save(step, args=ocp.args.Composite(**items))
 
 
@@ -346,9 +349,14 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, state, what: str = "")
     items["meta"] = ocp.args.JsonRestore()
   if state.distiller_params:
     items["distiller"] = ocp.args.StandardRestore(_abstract(state.distiller_params))
+  if state.objective_state:
+    items["objective_state"] = ocp.args.StandardRestore(
+        _abstract(state.objective_state))
   restored = _restore(mngr, step, ocp.args.Composite(**items), what, path)
   params = {"student": restored.model["params"],
             "distiller": restored.distiller if state.distiller_params else {}}
+  if state.objective_state:
+    state = state.replace(objective_state=restored.objective_state)
   state = state.replace(params=params, batch_stats=restored.model["batch_stats"],
                         opt_state=restored.optimizer["opt_state"],
                         step=restored.optimizer["step"])
@@ -555,6 +563,21 @@ def restore_model(path: str, variables, what: str = "checkpoint",
           f"{e} Rerun the run that wrote it, which recomputes a final checkpoint that "
           f"cannot be read{older}, or give another checkpoint.") from None
   return restored.model, step
+
+
+def restore_distiller(path: str, params, what: str = "checkpoint"):
+  """Restores a stage's objective parameters (its `distiller` item: a stage 1's
+  paraphraser, regressor) from the latest checkpoint under `path`, with `params`'
+  structure, shapes and shardings (ShapeDtypeStructs). Raises as `restore_model`."""
+  ckpt_dir = _existing_checkpoint_dir(path, what)
+  with _reader(ckpt_dir) as mngr:
+    step = _latest_step(mngr, what, path)
+    if not (mngr.directory / str(step) / "distiller").exists():
+      raise ConfigError(f"{what} {path!r} holds no parameters of its objective at step "
+                        f"{step}: give the stage directory of this method's stage 1.")
+    restored = _restore(mngr, step, ocp.args.Composite(
+        distiller=ocp.args.StandardRestore(_abstract(params))), what, path)
+  return restored.distiller
 
 
 @contextlib.contextmanager

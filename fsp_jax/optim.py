@@ -37,3 +37,13 @@ def create_optimizer(learning_rate_fn, momentum: float,
   g' = g + wd * w; v = momentum * v + g'; w = w - lr * v."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(learning_rate_fn, momentum=momentum))
+
+
+def with_frozen(tx: optax.GradientTransformation,
+                trainable: Callable) -> optax.GradientTransformation:
+  """`tx` on the parameters where `trainable(params)` (a tree of bools like them) is
+  True; the others never move (no update, no weight decay)."""
+  return optax.multi_transform(
+      {"train": tx, "frozen": optax.set_to_zero()},
+      lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
+                                  trainable(params)))

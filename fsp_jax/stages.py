@@ -33,6 +33,7 @@ from fsp_jax.validation import ConfigError
 BASELINES = validation.BASELINES
 ROLE_SEED = {"teacher": 0, "student": 1}
 DISTILLER_SEED = 2
+OBJECTIVE_STATE_SEED = 3
 # Data settings that never change the data (where decoded images are cached).
 _NOT_FINGERPRINTED = ("cache_dir",)
 
@@ -54,6 +55,8 @@ class Stage:
     schedule_field: the config field `schedule` comes from (for error messages).
     method: the `fsp_jax.methods` method whose stage it is, or None (the teacher,
       the baselines).
+    params_from: the stage 1 (name, or a stage directory path) whose final objective
+      parameters start this stage's term's (`Method.params_from_stage_one`), or None.
   """
   name: str
   kind: str
@@ -63,6 +66,7 @@ class Stage:
   distill: Optional[str] = None
   schedule_field: str = "student.schedule"
   method: Optional[str] = None
+  params_from: Optional[str] = None
 
   @property
   def objective_name(self) -> Optional[str]:
@@ -118,9 +122,10 @@ def plan_stages(config) -> List[Stage]:
                             method=method.name))
         start = method.stage_one_name
     stages.append(Stage(method.student_stage, "classify", "student", student,
-                        init_from=start,
+                        init_from=start if method.student_from_stage_one else None,
                         distill=method.term.name if method.term is not None else None,
-                        method=method.name))
+                        method=method.name,
+                        params_from=start if method.params_from_stage_one else None))
   if "scratch" in config.baselines:
     stages.append(Stage("scratch", "classify", "student", student))
   if "teacher_short" in config.baselines:
@@ -295,6 +300,10 @@ def setup(config, workdir: str) -> Experiment:
   exp = Experiment(config, os.path.abspath(workdir), tuple(stages), dataset,
                    mesh_of_all_devices(), networks)
   check_pairings(exp)
+  for stage in stages:  # What an objective needs of the training set (CRD's classes).
+    if stage.objective_name is not None:
+      exp.objective(stage).check_training_set(dataset.train_labels,
+                                              len(stage_seeds(exp, stage)))
   check_batches(exp)
   check_teacher_cache(exp)
   check_pretrained(exp)
@@ -307,6 +316,8 @@ def setup(config, workdir: str) -> Experiment:
     if stage.init_from and os.path.isabs(stage.init_from):
       checkpoints.restore_model(stage.init_from, abstract_variables(exp, stage.role),
                                 f"stage-1 checkpoint {stage.init_from!r}")
+    if stage.params_from and os.path.isabs(stage.params_from):
+      stage_one_params(exp, stage, len(stage_seeds(exp, stage)))
   check_disk_space(exp)  # A warning only: last, after every error.
   return exp
 
@@ -333,10 +344,13 @@ def check_pairings(exp: Experiment) -> None:
       params = jax.eval_shape(lambda: distiller.init(jax.random.PRNGKey(0), t_feats,
                                                      s_feats))
       targets = jax.eval_shape(distiller.teacher_targets, t_logits, t_feats)
-      labels = ({"labels": jax.ShapeDtypeStruct((s_logits.shape[0],), jnp.int32)}
-                if distiller.reads_labels else {})
-      jax.eval_shape(lambda p, t, l, f, kw: distiller.objective(p, t, l, f, 0, **kw),
-                     params, targets, s_logits, s_feats, labels)
+      rows = jax.ShapeDtypeStruct((s_logits.shape[0],), jnp.int32)
+      state = jax.eval_shape(lambda l: distiller.init_state(jax.random.PRNGKey(0), l),
+                             jax.ShapeDtypeStruct(exp.dataset.train_labels.shape,
+                                                  jnp.int32))
+      jax.eval_shape(lambda p, t, l, f, y, s: methods.call(
+          distiller, p, t, l, f, 0, labels=y, index=y, state=s),
+          params, targets, s_logits, s_feats, rows, state)
     except (ValueError, TypeError, KeyError) as e:
       raise ConfigError(f"teacher {cfg.teacher.model} and student {cfg.student.model} "
                        f"cannot be paired for stage {stage.name!r}: {e}") from None
@@ -408,7 +422,8 @@ def random_variables(exp: Experiment, role: str, seeds: Optional[List[int]] = No
 
 
 def initial_distiller_params(exp: Experiment, stage: Stage, distiller):
-  """The objective's own initial parameters (`{}` for most stages), replicated."""
+  """The objective's own initial parameters (`{}` for most stages), replicated;
+  for a term that starts from its stage 1's (`Stage.params_from`), with those."""
   if distiller is None:
     return {}
   shape = exp.dataset.image_shape
@@ -416,8 +431,55 @@ def initial_distiller_params(exp: Experiment, stage: Stage, distiller):
   s_feats = network_outputs(exp.networks["student"], shape)[1]
   init = jax.jit(lambda r: distiller.init(r, t_feats, s_feats),
                  out_shardings=exp.replicated)
-  return _per_seed(exp, stage_seeds(exp, stage), lambda seed: init(
+  seeds = stage_seeds(exp, stage)
+  params = _per_seed(exp, seeds, lambda seed: init(
       jax.random.fold_in(jax.random.PRNGKey(seed), DISTILLER_SEED)))
+  if not stage.params_from:
+    return params
+  carried = stage_one_params(exp, stage, len(seeds))
+  merge = distiller.from_stage_one if len(seeds) == 1 else jax.vmap(
+      distiller.from_stage_one)
+  return jax.jit(merge, out_shardings=exp.replicated)(params, carried)
+
+
+def stage_one_params(exp: Experiment, stage: Stage, num_seeds: int):
+  """The final objective parameters of `stage.params_from` (a stage 1), with a
+  leading seed axis where `num_seeds` > 1 (a one-seed stage 1 starts every seed)."""
+  src = stage.params_from
+  src_dir = src if os.path.isabs(src) else exp.stage_dir(src)
+  what = f"stage-1 checkpoint {src_dir!r}"
+  method = methods.get(stage.method)
+  one = methods.build_objective(method.stage_one, exp.config,
+                                exp.networks["student"].feature_names, 1)
+  shape = exp.dataset.image_shape
+  t_feats = network_outputs(exp.networks["teacher"], shape)[1]
+  s_feats = network_outputs(exp.networks["student"], shape)[1]
+  abstract = jax.eval_shape(lambda: one.init(jax.random.PRNGKey(0), t_feats, s_feats))
+  stored = checkpoint_seeds(src_dir)
+  if stored not in (1, num_seeds):
+    raise ConfigError(f"{what} holds {stored} seeds, this stage trains {num_seeds}: "
+                      f"set config.num_seeds={stored}, or give a one-seed stage 1.")
+  lead = (stored,) if stored > 1 else ()
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      lead + a.shape, a.dtype, sharding=exp.replicated), abstract)
+  params = checkpoints.restore_distiller(src_dir, abstract, what)
+  if stored == 1 and num_seeds > 1:
+    params = jax.jit(lambda v: jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_seeds,) + x.shape), v),
+        out_shardings=exp.replicated)(params)
+  return params
+
+
+def initial_objective_state(exp: Experiment, stage: Stage, objective):
+  """A stateful objective's initial state (CRD's memory bank), replicated, per seed;
+  `{}` for the others."""
+  if objective is None or not objective.stateful:
+    return {}
+  labels = jax.device_put(np.asarray(exp.dataset.train_labels, np.int32),
+                          exp.replicated)
+  init = jax.jit(objective.init_state, out_shardings=exp.replicated)
+  return _per_seed(exp, stage_seeds(exp, stage), lambda seed: init(
+      jax.random.fold_in(jax.random.PRNGKey(seed), OBJECTIVE_STATE_SEED), labels))
 
 
 def checkpoint_seeds(stage_dir: str) -> int:
@@ -518,6 +580,9 @@ def fingerprint(config, stage: Stage, stages: List[Stage]) -> Dict[str, Any]:
   by_name = {s.name: s for s in stages}
   if stage.init_from in by_name:
     out["init"] = fingerprint(config, by_name[stage.init_from], stages)
+  if stage.params_from:  # (absent from other stages: their fingerprints stay.)
+    out["params_from"] = (fingerprint(config, by_name[stage.params_from], stages)
+                          if stage.params_from in by_name else stage.params_from)
   return _jsonable(out)
 
 
@@ -719,6 +784,7 @@ class StageSetup:
     start: where its weights start, for the log ('' = random initialisation).
     initial_variables: `() -> variables` where its weights start.
     initial_objective_params: `() -> params` of its objective's own parameters.
+    initial_objective_state: `() -> state` of a stateful objective (`{}`).
     teacher_variables: `() -> variables` of the frozen teacher, or None.
     check_teacher_cache: `() -> None`, fails where the teacher cache cannot fit.
     eval_every, eval_examples, eval_batch_size, log_every, checkpoint_every,
@@ -743,6 +809,7 @@ class StageSetup:
   start: str
   initial_variables: Callable[[], Any]
   initial_objective_params: Callable[[], Any]
+  initial_objective_state: Callable[[], Any]
   teacher_variables: Optional[Callable[[], Any]]
   check_teacher_cache: Callable[[], None]
   eval_every: int
@@ -775,6 +842,18 @@ class StageSetup:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
 
+def optimizer(objective, lr_fn, schedule):
+  """The stage's optax optimizer; where its objective freezes parameters (the
+  student in a stage 1 of the objective's own parameters, `frozen_params`), those
+  never move."""
+  tx = optim.create_optimizer(lr_fn, schedule.momentum, schedule.weight_decay)
+  if objective is None or not objective.freezes:
+    return tx
+  return optim.with_frozen(tx, lambda params: {
+      "student": jax.tree.map(lambda _: objective.trains_student, params["student"]),
+      "distiller": objective.trainable(params["distiller"])})
+
+
 def resolve(exp: Experiment, stage: Stage) -> StageSetup:
   """`stage` of `exp` resolved into what its training loop needs (the one place the
   config is read for it)."""
@@ -793,6 +872,9 @@ def resolve(exp: Experiment, stage: Stage) -> StageSetup:
   start = ""
   if stage.init_from:
     start = f"starts from the final weights of stage {stage.init_from!r}"
+  elif stage.params_from:
+    start = (f"starts its {objective.label} parameters from stage "
+             f"{stage.params_from!r}")
   elif stage.name == "teacher" and config.teacher.pretrained:
     start = f"fine-tunes the weights of {config.teacher.pretrained}"
   reads_teacher = objective is not None
@@ -804,11 +886,12 @@ def resolve(exp: Experiment, stage: Stage) -> StageSetup:
       objective=objective, use_labels=stage.kind == "classify",
       caches_teacher=caches_teacher(config, stage), seeds=seeds,
       seed_axis=config.seed_axis, learning_rate_fn=lr_fn,
-      optimizer=optim.create_optimizer(lr_fn, sched.momentum, sched.weight_decay),
+      optimizer=optimizer(objective, lr_fn, sched),
       learning_rates_field=f"{stage.schedule_field}.learning_rates", feed=feed,
       start=start,
       initial_variables=lambda: initial_variables(exp, stage),
       initial_objective_params=lambda: initial_distiller_params(exp, stage, objective),
+      initial_objective_state=lambda: initial_objective_state(exp, stage, objective),
       teacher_variables=(lambda: teacher_variables(exp)) if reads_teacher else None,
       check_teacher_cache=lambda: check_teacher_cache(exp, [stage]),
       eval_every=eval_every, eval_examples=config.eval_examples,

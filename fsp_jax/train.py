@@ -37,7 +37,7 @@ import optax
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from fsp_jax import checkpoints, data, guards, metrics, stages
+from fsp_jax import checkpoints, data, guards, methods, metrics, stages
 from fsp_jax.optim import create_learning_rate_fn, create_optimizer  # noqa: F401
 from fsp_jax import validation
 from fsp_jax import workdir as workdir_lib
@@ -53,9 +53,12 @@ class TrainState(train_state.TrainState):
   parameters and its stage's objective's own (a regressor, channel adapters; `{}`
   for most stages), trained by one optimizer. `variables` is the network alone, what
   the next stage restores. (The stage's network is the student's, or the teacher's
-  for the teacher stage and the `teacher_short` baseline.)
+  for the teacher stage and the `teacher_short` baseline.) `objective_state` is a
+  stateful objective's state (CRD's memory bank; `{}` for the others), updated by
+  the objective itself, never by the optimizer.
   """
   batch_stats: Any = None
+  objective_state: Any = None
 
   @property
   def variables(self) -> Dict[str, Any]:
@@ -66,10 +69,12 @@ class TrainState(train_state.TrainState):
     return self.params["distiller"]
 
 
-def create_train_state(network: Network, variables, tx, distiller_params=None) -> TrainState:
+def create_train_state(network: Network, variables, tx, distiller_params=None,
+                       objective_state=None) -> TrainState:
   params = {"student": variables["params"], "distiller": distiller_params or {}}
   return TrainState.create(apply_fn=network.apply, params=params, tx=tx,
-                           batch_stats=variables["batch_stats"])
+                           batch_stats=variables["batch_stats"],
+                           objective_state=objective_state or {})
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -92,12 +97,15 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, student: Net
   Loss = cross-entropy on labels (where `use_labels`) + the batch mean of
   `distiller.objective` (where a distiller is given). Only `state.params` (the student
   and the distiller's own parameters) are differentiated; the teacher's variables are
-  an input, and its BatchNorm runs in inference mode (its statistics do not move).
+  an input, and its BatchNorm runs in inference mode (its statistics do not move). A
+  stateful distiller's new state (CRD's memory bank) replaces `state.objective_state`;
+  one that does not train the student (FT's stage 1) runs no student forward pass.
 
   Args:
     state: the stage's TrainState.
     batch: `{'image': uint8 (B, H, W, C), 'label': int32 (B,)}`; with
-      `'teacher_targets'` (the teacher's, cached per example) the teacher is not run.
+      `'teacher_targets'` (the teacher's, cached per example) the teacher is not run;
+      `'index'` `(B,)` int32, the examples' rows, where the distiller reads them.
     teacher_variables: the frozen teacher's `{'params', 'batch_stats'}`, or None.
     student: the network `state` trains.
     teacher: the teacher's network (where a distiller reads it).
@@ -118,24 +126,31 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, student: Net
                        "teacher_variables) or its cached batch['teacher_targets'].")
     targets = teacher_targets(teacher, teacher_variables, images, distiller)
 
+  runs_student = distiller is None or distiller.trains_student
+
   def loss_fn(params):
-    (logits, features), batch_stats = student.apply(
-        {"params": params["student"], "batch_stats": state.batch_stats}, images,
-        train=True)
-    terms = {}
+    logits, features, batch_stats = None, None, state.batch_stats
+    if runs_student:
+      (logits, features), batch_stats = student.apply(
+          {"params": params["student"], "batch_stats": state.batch_stats}, images,
+          train=True)
+    terms, objective_state = {}, state.objective_state
     if use_labels:
       terms["task_loss"] = cross_entropy_loss(logits, batch["label"])
     if distiller is not None:
-      extra = {"labels": batch["label"]} if distiller.reads_labels else {}
-      terms[f"{distiller.name}_loss"] = jnp.mean(distiller.objective(
-          params["distiller"], targets, logits, features, state.step, **extra))
+      per_example, objective_state = methods.call(
+          distiller, params["distiller"], targets, logits, features, state.step,
+          labels=batch.get("label"), index=batch.get("index"),
+          state=state.objective_state)
+      terms[f"{distiller.name}_loss"] = jnp.mean(per_example)
     # A single term is the loss itself (no `0 +`).
     loss = functools.reduce(operator.add, terms.values())
-    return loss, (logits, batch_stats, terms)
+    return loss, (logits, batch_stats, terms, objective_state)
 
-  (loss, (logits, batch_stats, terms)), grads = jax.value_and_grad(
+  (loss, (logits, batch_stats, terms, objective_state)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                                objective_state=jax.lax.stop_gradient(objective_state))
   out = {"loss": loss}
   if use_labels:
     out["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -158,11 +173,12 @@ def eval_distill_step(variables, distiller_params, teacher_variables, batch, *,
                       network: Network, teacher: Network, distiller):
   """Sum over real (mask 1) examples of the distiller's objective (student in
   inference mode): `{'<distiller>_loss', 'count'}`."""
-  logits, features = network.apply(variables, batch["image"])
+  logits, features = None, None
+  if distiller.trains_student:
+    logits, features = network.apply(variables, batch["image"])
   targets = teacher_targets(teacher, teacher_variables, batch["image"], distiller)
-  extra = {"labels": batch["label"]} if distiller.reads_labels else {}
-  per_example = distiller.objective(distiller_params, targets, logits, features, 0,
-                                    **extra)
+  per_example, _ = methods.call(distiller, distiller_params, targets, logits, features,
+                                0, labels=batch["label"])
   mask = batch["mask"]
   return {f"{distiller.name}_loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
 
@@ -478,14 +494,19 @@ def train_and_evaluate(stage: stages.StageSetup,
   # The frozen teacher (where the objective reads it) and the initial state.
   teacher_variables = stage.teacher_variables() if stage.teacher_variables else None
   cache = teacher_target_cache(stage, teacher_variables)
+  extras = cache
+  if stage.objective is not None and stage.objective.reads_index:  # Rows, per batch.
+    extras = {**(cache or {}),
+              "index": np.arange(len(stage.dataset.train_labels), dtype=np.int32)}
   variables = stage.initial_variables()
   if stage.start:
     log.info("[%s] %s.", stage.name, stage.start)
-  create = lambda v, d: create_train_state(stage.network, v, stage.optimizer, d)  # noqa: E731
+  create = lambda v, d, o: create_train_state(  # noqa: E731
+      stage.network, v, stage.optimizer, d, o)
   if len(stage.seeds) > 1:
     create = over_seeds(create, len(stage.seeds), seed_axis=stage.seed_axis)
   state = jax.jit(create, out_shardings=stage.replicated)(
-      variables, stage.initial_objective_params())
+      variables, stage.initial_objective_params(), stage.initial_objective_state())
 
   # Restore: the newest intact checkpoint (one that cannot be read is moved aside).
   mngr = checkpoints.manager(stage.folder, stage.max_checkpoints_to_keep)
@@ -530,7 +551,7 @@ def train_and_evaluate(stage: stages.StageSetup,
 
   # The loop: train, log, evaluate, save; a SIGTERM saves and stops.
   try:
-    for lo, done, inputs in feed.calls(start, total, extras=cache):
+    for lo, done, inputs in feed.calls(start, total, extras=extras):
       state, step_metrics = run_call(state, inputs)
       guard.track(step_metrics["loss"], done, lo + 1)
       preempted = preemption is not None and preemption.reached()

@@ -6,6 +6,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' programs are small and run a few steps each: XLA's compile time is most
+# of the suite's, and LLVM's optimisation passes most of that. Without them a test
+# compiles about a third faster (the same results to float rounding; speed is
+# measured by benchmarks/, never here). A level set by the caller is kept.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # One persistent compilation cache for the whole test session, its worker processes
 # (pytest-xdist, which inherit this environment) and the command-line subprocesses
 # the tests start: a program compiled once (the smoke config's steps, evaluations,

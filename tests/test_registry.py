@@ -103,7 +103,8 @@ def _term_method(name, **kw):
 
 def test_register_refuses_clashes_and_finds_methods_by_name():
   assert [m.name for m in methods.BUILTIN] == ["fsp", "fitnet", "kd", "at", "sp", "pkt",
-                                             "rkd", "nst", "cc", "vid", "ab", "dkd"]
+                                             "rkd", "nst", "cc", "vid", "ab", "ft", "crd",
+                                               "dkd"]
   with pytest.raises(validation.ConfigError, match="registered already"):
     methods.register(_term_method("kd"))
   with pytest.raises(validation.ConfigError, match="section 'fsp' is method 'fsp'"):

@@ -14,14 +14,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from fsp_jax.methods import base
 from fsp_jax.methods.base import (STAGE_ONE_FIELDS, Method, Objective, Params,
-                                  check_feature)
-from fsp_jax.methods import ab, at, cc, dkd, fitnet, fsp, kd, nst, pkt, rkd, sp, vid
+                                  call, check_feature)
+from fsp_jax.methods import (ab, at, cc, crd, dkd, fitnet, fsp, ft, kd, nst, pkt, rkd,
+                             sp, vid)
 from fsp_jax.methods.ab import AB
 from fsp_jax.methods.at import AT
 from fsp_jax.methods.cc import CC
+from fsp_jax.methods.crd import CRD
 from fsp_jax.methods.dkd import DKD
 from fsp_jax.methods.fitnet import Hint
 from fsp_jax.methods.fsp import FSP
+from fsp_jax.methods.ft import FT, Paraphrase
 from fsp_jax.methods.kd import KD
 from fsp_jax.methods.nst import NST
 from fsp_jax.methods.pkt import PKT
@@ -30,14 +33,15 @@ from fsp_jax.methods.sp import SP
 from fsp_jax.methods.vid import VID
 from fsp_jax.validation import ConfigError
 
-__all__ = ["AB", "AT", "BUILTIN", "CC", "DKD", "VID", "FSP", "Hint", "KD", "Method", "NST", "PKT", "RKD",
-           "SP", "Objective", "Params",
-           "STAGE_ONE_FIELDS", "build_objective", "check_feature", "complete",
+__all__ = ["AB", "AT", "BUILTIN", "CC", "CRD", "DKD", "FSP", "FT", "Hint", "KD", "Method",
+           "NST", "PKT", "Paraphrase", "RKD", "SP", "VID", "Objective", "Params",
+           "STAGE_ONE_FIELDS", "build_objective", "call", "check_feature", "complete",
            "for_config", "get", "objective_of", "register", "registered"]
 
 # The built-in methods, in the order their stages run and their rows are listed.
 BUILTIN = (fsp.METHOD, fitnet.METHOD, kd.METHOD, at.METHOD, sp.METHOD, pkt.METHOD,
-           rkd.METHOD, nst.METHOD, cc.METHOD, vid.METHOD, ab.METHOD, dkd.METHOD)
+           rkd.METHOD, nst.METHOD, cc.METHOD, vid.METHOD, ab.METHOD, ft.METHOD,
+           crd.METHOD, dkd.METHOD)
 _REGISTRY: Dict[str, Method] = {m.name: m for m in BUILTIN}
 
 

@@ -61,6 +61,10 @@ class Objective:
   section: ClassVar[str] = ""
   reads_features: ClassVar[bool] = False
   reads_labels: ClassVar[bool] = False
+  reads_index: ClassVar[bool] = False
+  stateful: ClassVar[bool] = False
+  trains_student: ClassVar[bool] = True
+  frozen_params: ClassVar[Tuple[str, ...]] = ()
 
   @classmethod
   def build(cls, config, feature_names: Sequence[str] = (),
@@ -99,11 +103,57 @@ class Objective:
     del rng, teacher_features, student_features
     return {}
 
+  def check_training_set(self, train_labels, num_seeds: int) -> None:
+    """Fails (ConfigError, one line) where the objective cannot train on a training
+    set of `train_labels` `(N,)` with `num_seeds` seeds; before anything trains."""
+    del train_labels, num_seeds
+
+  def init_state(self, rng, train_labels) -> Params:
+    """The initial state of a `stateful` objective for a training set whose labels
+    are `train_labels` `(N,)` int32 (a device array); `{}` where it has none."""
+    del rng, train_labels
+    return {}
+
+  @property
+  def freezes(self) -> bool:
+    """Whether some parameters of its stage do not train (the optimizer masks them)."""
+    return bool(self.frozen_params) or not self.trains_student
+
+  def trainable(self, params: Params):
+    """A tree of bools like `params`: False for the leaves of `frozen_params`."""
+    import jax  # (kept light at import)
+    return {k: jax.tree.map(lambda _, k=k: k not in self.frozen_params, v)
+            for k, v in params.items()}
+
+  def from_stage_one(self, params: Params, stage_one_params: Params) -> Params:
+    """A term's initial `params` with what its method's stage 1 trained
+    (`stage_one_params`); for one seed (the trainer maps it over seeds)."""
+    del stage_one_params
+    return params
+
   def teacher_targets(self, logits, features):
     raise NotImplementedError
 
   def objective(self, params: Params, targets, logits, features, step):
     raise NotImplementedError
+
+
+def call(objective: Objective, params, targets, logits, features, step, *,
+         labels=None, index=None, state=None):
+  """`objective`'s loss of each example `(B,)` and its new state (`state` unchanged,
+  `{}` where it has none), given what it reads (labels, training-set rows, state)."""
+  extra = {}
+  if objective.reads_labels:
+    extra["labels"] = labels
+  if objective.reads_index:
+    if index is None:
+      raise ValueError(f"objective {objective.name!r} reads each example's row in the "
+                       "training set: the batch needs an 'index' (B,) entry.")
+    extra["index"] = index
+  if not objective.stateful:
+    return objective.objective(params, targets, logits, features, step, **extra), state
+  return objective.objective(params, targets, logits, features, step, state=state,
+                             **extra)
 
 
 def term_fingerprint(cls, config) -> Dict[str, Any]:
@@ -133,6 +183,26 @@ class Sum(Objective):
   def reads_labels_any(self) -> bool:
     return any(o.reads_labels for o in self.objectives)
 
+  def check_training_set(self, train_labels, num_seeds: int) -> None:
+    for o in self.objectives:
+      o.check_training_set(train_labels, num_seeds)
+
+  def init_state(self, rng, train_labels) -> Params:
+    import jax  # (kept light at import)
+    return {o.name: o.init_state(jax.random.fold_in(rng, k), train_labels)
+            for k, o in enumerate(self.objectives) if o.stateful}
+
+  @property
+  def freezes(self) -> bool:
+    return any(o.freezes for o in self.objectives)
+
+  def trainable(self, params: Params):
+    return {o.name: o.trainable(params[o.name]) for o in self.objectives}
+
+  def from_stage_one(self, params: Params, stage_one_params: Params) -> Params:
+    return {o.name: o.from_stage_one(params[o.name], stage_one_params)
+            for o in self.objectives}
+
   @classmethod
   def build(cls, config, feature_names: Sequence[str] = (), num_steps: int = 1):
     return cls(p.build(config, feature_names, num_steps) for p in cls.parts)
@@ -155,12 +225,17 @@ class Sum(Objective):
   def teacher_targets(self, logits, features):
     return tuple(o.teacher_targets(logits, features) for o in self.objectives)
 
-  def objective(self, params, targets, logits, features, step, labels=None):
-    total = 0.0
+  def objective(self, params, targets, logits, features, step, labels=None,
+                index=None, state=None):
+    total, new_state = 0.0, {}
     for o, t in zip(self.objectives, targets):
-      extra = {"labels": labels} if o.reads_labels else {}
-      total = total + o.objective(params[o.name], t, logits, features, step, **extra)
-    return total
+      loss, part_state = call(o, params[o.name], t, logits, features, step,
+                              labels=labels, index=index,
+                              state=(state or {}).get(o.name))
+      total = total + loss
+      if o.stateful:
+        new_state[o.name] = part_state
+    return (total, new_state) if self.stateful else total
 
 
 def summed(parts: Sequence[type]) -> type:
@@ -170,7 +245,9 @@ def summed(parts: Sequence[type]) -> type:
       "parts": tuple(parts), "name": name,
       "label": " + ".join(p.label for p in parts), "section": "",
       "reads_features": any(p.reads_features for p in parts),
-      "reads_labels": any(p.reads_labels for p in parts)})
+      "reads_labels": any(p.reads_labels for p in parts),
+      "reads_index": any(p.reads_index for p in parts),
+      "stateful": any(p.stateful for p in parts)})
 
 
 def resolve_layers(given: Sequence, feature_names: Sequence[str], default,
@@ -286,6 +363,11 @@ class Method:
       `schedule`, e.g. `config_lib.schedule(...)`).
     smoke: `(section) -> None`, shrinks the section for `:smoke` configs (a stage 1's
       schedule to a few steps); None leaves it.
+    student_from_stage_one: the main-task stage starts from the stage 1's final
+      student weights (FSP, FitNet, AB); False: from random weights (FT, whose stage 1
+      trains only its own parameters).
+    params_from_stage_one: the term's parameters start from those the stage 1
+      trained (`Objective.from_stage_one`: FT's paraphraser).
   """
   name: str
   section: str
@@ -298,6 +380,8 @@ class Method:
   color: str = ""
   checks: Tuple[Tuple[str, Any], ...] = ()
   smoke: Any = None
+  student_from_stage_one: bool = True
+  params_from_stage_one: bool = False
 
   def __post_init__(self):
     if not self.name or not self.section or not self.student_stage:
@@ -306,6 +390,9 @@ class Method:
     if self.stage_one is not None and not self.stage_one_name:
       raise ConfigError(f"method {self.name!r} has a stage 1 ({self.stage_one}) but no "
                         "stage_one_name (its folder).")
+    if self.params_from_stage_one and (self.stage_one is None or self.term is None):
+      raise ConfigError(f"method {self.name!r} takes its term's parameters from its "
+                        "stage 1 (params_from_stage_one) but lacks a stage 1 or a term.")
     if self.stage_one is None and self.term is None:
       raise ConfigError(f"method {self.name!r} has neither a stage 1 nor a term: it "
                         "would train a plain student (the 'scratch' baseline).")

@@ -1,0 +1,218 @@
+"""CRD: contrastive representation distillation (Tian et al., ICLR 2020), as
+RepDistiller runs it on CIFAR.
+
+Student and teacher penultimate embeddings (the last feature map averaged over its
+positions) are each mapped by a learned linear layer to `embed_dim` (128) and
+L2-normalised, `f_s`, `f_t`. A memory bank holds a 128-d vector of every training
+example for each side, `m_s`, `m_t` `(N, 128)`. For example `i` of the batch with
+`K` (16384) negatives `j_1..j_K` drawn from the training examples of other classes,
+with temperature `T` (0.07),
+
+    P_s(i, j) = exp(m_t[j] . f_s(i) / T) / Z_s,   P_t(i, j) = exp(m_s[j] . f_t(i) / T) / Z_t,
+
+`Z_s`, `Z_t` fixed at the first step (the mean of that batch's `exp(. / T)` times N), and
+with `P_n = 1 / N`, `eps = 1e-7`, each side's noise-contrastive loss is
+
+    L(P) = -1/B sum_i [ log(P(i,i) / (P(i,i) + K P_n + eps))
+                        + sum_k log(K P_n / (P(i,j_k) + K P_n + eps)) ],
+
+and L_CRD = L(P_s) + L(P_t) (RepDistiller's `crd/criterion.py`, `ContrastMemory` and
+`ContrastLoss`). After each step the bank rows of the batch move to the new
+embeddings with momentum 0.5 and are renormalised:
+`m[i] <- normalise(0.5 m[i] + 0.5 f(i))`. The bank starts uniform in
+`+-1/sqrt(128/3)`. Negatives are drawn with replacement (RepDistiller's CIFAR loader,
+mode 'exact', draws them without replacement: a few percent of repeats at 16384 of
+45000, the same distribution otherwise), from a random stream of `(seed, step)`, so a
+resumed run draws what an uninterrupted one does. The linear layers are the method's
+own parameters, trained with the student; the bank and the normalisation constants
+are its state, checkpointed and kept per seed. Weight 0.8; one main-task stage (`crd`)
+from random weights; `crd+kd` adds Hinton KD (RepDistiller's CRD+KD row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, check_feature,
+                                  embedding, resolve_layers)
+from fsp_jax.methods.cc import l2_normalize, linear_init
+from fsp_jax.validation import COUNT, POSITIVE, ConfigError, Range
+
+_EPS = 1e-7
+
+
+def contrast_loss(scores: jax.Array, num_examples: int) -> jax.Array:
+  """RepDistiller's `ContrastLoss` of `scores` `(B, 1 + K)` (the positive first, then
+  the K negatives, each `P(i, j)`): a scalar."""
+  k = scores.shape[1] - 1
+  noise = k / float(num_examples)
+  log_pos = jnp.log(scores[:, 0] / (scores[:, 0] + noise + _EPS))
+  log_neg = jnp.log(noise / (scores[:, 1:] + noise + _EPS))
+  return -(jnp.sum(log_pos) + jnp.sum(log_neg)) / scores.shape[0]
+
+
+def negatives(key, labels: jax.Array, state: Params, k: int) -> jax.Array:
+  """`(B, K)` rows of training examples whose class is not the batch's `labels`,
+  uniform with replacement: `state['order']` lists the rows by class, class c's at
+  `start[c] .. start[c] + count[c] - 1`."""
+  start, count = state["start"][labels], state["count"][labels]
+  n_other = state["order"].shape[0] - count
+  u = jax.random.randint(key, (labels.shape[0], k), 0, n_other[:, None])
+  return state["order"][u + jnp.where(u >= start[:, None], count[:, None], 0)]
+
+
+def bank_scores(memory: jax.Array, embeddings: jax.Array, rows: jax.Array) -> jax.Array:
+  """`memory[rows[b, j]] . embeddings[b]` `(B, J)` for a bank `(N, D)`, embeddings
+  `(B, D)`: by one product with the whole bank where that is cheaper than gathering
+  B x J rows, else by the gather."""
+  n, b, j = memory.shape[0], rows.shape[0], rows.shape[1]
+  if n <= 8 * j:
+    full = jnp.matmul(embeddings, memory.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.take_along_axis(full, rows, axis=1)
+  del b
+  return jnp.einsum("bjd,bd->bj", memory[rows], embeddings,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def update_bank(memory: jax.Array, rows: jax.Array, embeddings: jax.Array,
+                momentum: float) -> jax.Array:
+  """`memory` with `rows` moved to `embeddings` by `momentum`, renormalised."""
+  memory = jnp.asarray(memory)
+  moved = memory[rows] * momentum + embeddings * (1.0 - momentum)
+  moved = moved / jnp.sqrt(jnp.sum(moved * moved, -1, keepdims=True))
+  return memory.at[rows].set(moved)
+
+
+@dataclasses.dataclass(frozen=True)
+class CRD(Objective):
+  """Contrastive representation distillation with a memory bank.
+
+  Attributes:
+    layers: the one feature whose pooled map is the embedding (the last).
+    weight: the term's weight (0.8).
+    embed_dim: the embeddings' width (128).
+    num_negatives: negatives per example (16384).
+    temperature: T (0.07).
+    momentum: the bank's momentum (0.5).
+  """
+  layers: Tuple[str, ...]
+  weight: float = 0.8
+  embed_dim: int = 128
+  num_negatives: int = 16384
+  temperature: float = 0.07
+  momentum: float = 0.5
+  name = "crd"
+  label = "CRD"
+  section = "crd"
+  reads_features = True
+  reads_labels = True
+  reads_index = True
+  stateful = True
+
+  @classmethod
+  def from_config(cls, section, feature_names: Sequence[str] = (), num_steps: int = 1):
+    del num_steps
+    layers = resolve_layers(section.layers, feature_names, lambda names: names[-1:],
+                            "crd.layers")
+    return cls(layers[-1:], section.weight, section.embed_dim, section.num_negatives,
+               section.temperature, section.momentum)
+
+  def check_training_set(self, train_labels: np.ndarray, num_seeds: int) -> None:
+    """Fails where the training set gives no negatives (one class) or its bank
+    would not fit in host memory."""
+    classes = np.unique(np.asarray(train_labels))
+    if classes.size < 2:
+      raise ConfigError("CRD draws each example's negatives from the training examples "
+                        f"of other classes, but the training set has {classes.size} "
+                        "class: use another method or data set.")
+    nbytes = 2 * len(train_labels) * self.embed_dim * 4 * num_seeds
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > 0.5 * available:
+      raise ConfigError(f"CRD's memory bank of {len(train_labels)} training examples x "
+                        f"{self.embed_dim} x 2 sides x {num_seeds} seeds needs "
+                        f"{nbytes / 2**30:.1f} GiB, over half the {available / 2**30:.1f} "
+                        "GiB free: lower crd.embed_dim or config.num_seeds.")
+
+  def init(self, rng, teacher_features, student_features) -> Params:
+    """`{'embed_s': {'kernel': (C_s, D), 'bias': (D,)}, 'embed_t': ...}`."""
+    (layer,) = self.layers
+    check_feature(layer, teacher_features, "CRD layer")
+    check_feature(layer, student_features, "CRD layer")
+    k_s, k_t = jax.random.split(rng)
+    return {"embed_s": linear_init(k_s, student_features[layer].shape[-1],
+                                   self.embed_dim),
+            "embed_t": linear_init(k_t, teacher_features[layer].shape[-1],
+                                   self.embed_dim)}
+
+  def init_state(self, rng, train_labels) -> Params:
+    """The banks `memory_s`, `memory_t` `(N, D)`, `z` `(2,)` (-1: not yet set), the
+    rows by class (`order` `(N,)`, `start`, `count` per class) and the key of the
+    negatives' stream."""
+    n = train_labels.shape[0]
+    k_s, k_t, k_n = jax.random.split(rng, 3)
+    stdv = 1.0 / math.sqrt(self.embed_dim / 3)
+    bank = lambda k: jax.random.uniform(k, (n, self.embed_dim), jnp.float32, -stdv,  # noqa: E731
+                                        stdv)
+    labels = train_labels.astype(jnp.int32)
+    order = jnp.argsort(labels, stable=True).astype(jnp.int32)
+    count = jnp.bincount(labels, length=n).astype(jnp.int32)  # (class ids are < N)
+    start = (jnp.cumsum(count) - count).astype(jnp.int32)
+    return {"memory_s": bank(k_s), "memory_t": bank(k_t),
+            "z": jnp.full((2,), -1.0, jnp.float32), "order": order, "start": start,
+            "count": count, "key": k_n}
+
+  def teacher_targets(self, logits, features) -> jax.Array:
+    """The teacher's embedding `(B, C_t)`."""
+    del logits
+    return embedding(features[self.layers[0]])
+
+  def objective(self, params: Params, targets, logits, features, step, *, labels,
+                index, state):
+    """`((B,), state)`: weight x the batch's L_CRD for every example, and the state
+    with the batch's bank rows moved and Z set at the first step."""
+    n = state["memory_s"].shape[0]
+    f_s = l2_normalize(embedding(features[self.layers[0]]) @ params["embed_s"]["kernel"]
+                       + params["embed_s"]["bias"])
+    f_t = l2_normalize(jax.lax.stop_gradient(targets) @ params["embed_t"]["kernel"]
+                       + params["embed_t"]["bias"])
+    key = jax.random.fold_in(state["key"], step)
+    rows = jnp.concatenate([index[:, None],
+                            negatives(key, labels, state, self.num_negatives)], 1)
+    memory_s, memory_t = state["memory_s"], state["memory_t"]
+    exp_s = jnp.exp(bank_scores(memory_t, f_s, rows) / self.temperature)
+    exp_t = jnp.exp(bank_scores(memory_s, f_t, rows) / self.temperature)
+    z = jnp.where(state["z"] < 0,
+                  jax.lax.stop_gradient(jnp.stack([jnp.mean(exp_s), jnp.mean(exp_t)]))
+                  * n, state["z"])
+    loss = contrast_loss(exp_s / z[0], n) + contrast_loss(exp_t / z[1], n)
+    f_s, f_t = jax.lax.stop_gradient(f_s), jax.lax.stop_gradient(f_t)
+    new_state = {**state, "z": z,
+                 "memory_s": update_bank(memory_s, index, f_s, self.momentum),
+                 "memory_t": update_bank(memory_t, index, f_t, self.momentum)}
+    return batch_loss(self.weight * loss, logits), new_state
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """`config.crd`: RepDistiller's CIFAR setting."""
+  return ml_collections.ConfigDict(dict(
+      layers=(),  # () = the last feature map, pooled to the embedding.
+      weight=0.8,
+      embed_dim=128,  # the learned embeddings' and the bank's width.
+      num_negatives=16384,  # RepDistiller's nce_k.
+      temperature=0.07,  # RepDistiller's nce_t.
+      momentum=0.5,  # the bank's (nce_m).
+  ))
+
+
+METHOD = Method(name="crd", section="crd", label="student with CRD", student_stage="crd",
+                term=CRD, color="tab:olive", defaults=defaults,
+                checks=(("embed_dim", COUNT), ("num_negatives", COUNT),
+                        ("temperature", POSITIVE),
+                        ("momentum", Range(0, 1, high_open=True))))
