@@ -105,13 +105,23 @@ def test_accelerator_loop_equals_the_cpu_loop(tmp_path, monkeypatch, teacher):
       [s["test_accuracy"] for s in cpu["student"]["per_seed"]], atol=0.02)
 
 
-def test_seed_of_a_several_seed_run_equals_its_one_seed_run(tmp_path, teacher):
-  three = train.run(smoke(num_seeds=3, **{"teacher.checkpoint": teacher}),
-                    str(tmp_path / "three"))
+@pytest.fixture(scope="module")
+def three_seeds(tmp_path_factory, teacher):
+  """`(workdir, results)` of a run of 3 seeds side by side, from the shared teacher,
+  for the tests here that read it."""
+  config = smoke(num_seeds=3, **{"teacher.checkpoint": teacher})
+  workdir = shared_dir(tmp_path_factory, "three_seeds",
+                       lambda d: train.run(config, str(d)))
+  return workdir, json.load(open(workdir / "results.json"))
+
+
+def test_seed_of_a_several_seed_run_equals_its_one_seed_run(tmp_path, teacher,
+                                                            three_seeds):
+  three_dir, three = three_seeds
   assert [p["seed"] for p in three["student"]["per_seed"]] == [0, 1, 2]
   exp3 = stages.setup(smoke(num_seeds=3, **{"teacher.checkpoint": teacher}),
-                      str(tmp_path / "three"))
-  weights3 = final_model(tmp_path / "three" / "student", exp3, "student", seeds=3)
+                      str(three_dir))
+  weights3 = final_model(three_dir / "student", exp3, "student", seeds=3)
   accs = []
   for seed in (1, 2):  # Seed 0 is the first of the three, 1 and 2 the next.
     run = train.run(smoke(seed=seed, **{"teacher.checkpoint": teacher}),
@@ -145,25 +155,24 @@ def test_seed_of_a_several_seed_run_equals_its_one_seed_run(tmp_path, teacher):
   assert three["student"]["test_accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
   # Each seed's accuracy and the ensemble's are what the final checkpoint scores.
   config3 = smoke(num_seeds=3, **{"teacher.checkpoint": teacher})
-  recomputed, ensemble, one = checkpoint_accuracies(config3, tmp_path / "three",
-                                                    "student")
+  recomputed, ensemble, one = checkpoint_accuracies(config3, three_dir, "student")
   np.testing.assert_allclose(per_seed, recomputed, atol=one + 1e-9)
   assert abs(three["student"]["ensemble_test_accuracy"] - ensemble) <= one + 1e-9
 
 
-def test_ensemble_is_the_mean_softmax_of_the_seeds(tmp_path, teacher):
-  config = smoke(num_seeds=2, **{"teacher.checkpoint": teacher})
-  train.run(config, str(tmp_path))
-  exp = stages.setup(config, str(tmp_path))
-  variables = final_model(tmp_path / "student", exp, "student", seeds=2)
+def test_ensemble_is_the_mean_softmax_of_the_seeds(teacher, three_seeds):
+  workdir, results = three_seeds
+  config = smoke(num_seeds=3, **{"teacher.checkpoint": teacher})
+  exp = stages.setup(config, str(workdir))
+  variables = final_model(workdir / "student", exp, "student", seeds=3)
   images, labels = exp.dataset.test_images, exp.dataset.test_labels
   probs = 0
-  for k in range(2):
+  for k in range(3):
     logits = train.predict(exp.networks["student"], jax.tree.map(lambda x: x[k], variables),
                            images, exp.mesh, config.eval_batch_size)
     probs = probs + jax.nn.softmax(jnp.asarray(logits), -1)
   want = float(np.mean(np.argmax(np.asarray(probs), -1) == labels))
-  got = json.load(open(tmp_path / "results.json"))["student"]["ensemble_test_accuracy"]
+  got = results["student"]["ensemble_test_accuracy"]
   assert got == pytest.approx(want)
 
 
