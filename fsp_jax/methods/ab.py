@@ -109,6 +109,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def smoke(section) -> None:
+  """A stage 1 of 8 steps at LR 0.01 for `:smoke` configs (AB's and FT's)."""
   section.checkpoint = ""
   section.schedule = config_lib.schedule(8, (0.01,), (), batch_size=32,
                                          augment=section.schedule.augment)

@@ -34,6 +34,17 @@ def linear_init(rng, fan_in: int, fan_out: int) -> Params:
           "bias": jax.random.uniform(k_b, (fan_out,), jnp.float32, -bound, bound)}
 
 
+def embeddings_init(rng, layer: str, teacher_features, student_features, dim: int,
+                    what: str) -> Params:
+  """`{'embed_s', 'embed_t'}`: linear maps of the student's and the teacher's
+  embedding of `layer` to `dim` (`linear_init`); fails where `layer` is missing."""
+  check_feature(layer, teacher_features, what)
+  check_feature(layer, student_features, what)
+  k_s, k_t = jax.random.split(rng)
+  return {"embed_s": linear_init(k_s, student_features[layer].shape[-1], dim),
+          "embed_t": linear_init(k_t, teacher_features[layer].shape[-1], dim)}
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
   """Rows divided by their L2 norm (RepDistiller's `Normalize`; finite at 0)."""
   return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
@@ -65,14 +76,8 @@ class CC(Objective):
 
   def init(self, rng, teacher_features, student_features) -> Params:
     """`{'embed_s': {'kernel': (C_s, D), 'bias': (D,)}, 'embed_t': ...}`."""
-    (layer,) = self.layers
-    check_feature(layer, teacher_features, "CC layer")
-    check_feature(layer, student_features, "CC layer")
-    k_s, k_t = jax.random.split(rng)
-    return {"embed_s": linear_init(k_s, student_features[layer].shape[-1],
-                                   self.embed_dim),
-            "embed_t": linear_init(k_t, teacher_features[layer].shape[-1],
-                                   self.embed_dim)}
+    return embeddings_init(rng, self.layers[0], teacher_features, student_features,
+                           self.embed_dim, "CC layer")
 
   def teacher_targets(self, logits, features) -> jax.Array:
     """The teacher's embedding `(B, C_t)`."""

@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, check_feature,
-                                  embedding, resolve_layers)
-from fsp_jax.methods.cc import l2_normalize, linear_init
+from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, embedding,
+                                  resolve_layers)
+from fsp_jax.methods.cc import embeddings_init, l2_normalize
 from fsp_jax.validation import COUNT, POSITIVE, ConfigError, Range
 
 _EPS = 1e-7
@@ -72,11 +72,9 @@ def bank_scores(memory: jax.Array, embeddings: jax.Array, rows: jax.Array) -> ja
   """`memory[rows[b, j]] . embeddings[b]` `(B, J)` for a bank `(N, D)`, embeddings
   `(B, D)`: by one product with the whole bank where that is cheaper than gathering
   B x J rows, else by the gather."""
-  n, b, j = memory.shape[0], rows.shape[0], rows.shape[1]
-  if n <= 8 * j:
+  if memory.shape[0] <= 8 * rows.shape[1]:
     full = jnp.matmul(embeddings, memory.T, precision=jax.lax.Precision.HIGHEST)
     return jnp.take_along_axis(full, rows, axis=1)
-  del b
   return jnp.einsum("bjd,bd->bj", memory[rows], embeddings,
                     precision=jax.lax.Precision.HIGHEST)
 
@@ -141,15 +139,9 @@ class CRD(Objective):
                         "GiB free: lower crd.embed_dim or config.num_seeds.")
 
   def init(self, rng, teacher_features, student_features) -> Params:
-    """`{'embed_s': {'kernel': (C_s, D), 'bias': (D,)}, 'embed_t': ...}`."""
-    (layer,) = self.layers
-    check_feature(layer, teacher_features, "CRD layer")
-    check_feature(layer, student_features, "CRD layer")
-    k_s, k_t = jax.random.split(rng)
-    return {"embed_s": linear_init(k_s, student_features[layer].shape[-1],
-                                   self.embed_dim),
-            "embed_t": linear_init(k_t, teacher_features[layer].shape[-1],
-                                   self.embed_dim)}
+    """`{'embed_s': {'kernel': (C_s, D), 'bias': (D,)}, 'embed_t': ...}` (CC's)."""
+    return embeddings_init(rng, self.layers[0], teacher_features, student_features,
+                           self.embed_dim, "CRD layer")
 
   def init_state(self, rng, train_labels) -> Params:
     """The banks `memory_s`, `memory_t` `(N, D)`, `z` `(2,)` (-1: not yet set), the

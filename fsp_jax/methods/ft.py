@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fsp_jax import config_lib, losses
+from fsp_jax.methods import ab
 from fsp_jax.methods.base import (Method, Objective, Params, batch_loss, check_feature,
                                   resolve_layers)
 from fsp_jax.validation import POSITIVE, ConfigError
@@ -241,14 +242,8 @@ def defaults() -> ml_collections.ConfigDict:
   ))
 
 
-def smoke(section) -> None:
-  section.checkpoint = ""
-  section.schedule = config_lib.schedule(8, (0.01,), (), batch_size=32,
-                                         augment=section.schedule.augment)
-
-
 METHOD = Method(name="ft", section="ft", label="student with FT", student_stage="ft",
                 stage_one=Paraphrase, stage_one_name="ft_paraphraser", term=FT,
-                color="tab:brown", defaults=defaults, smoke=smoke,
+                color="tab:brown", defaults=defaults, smoke=ab.smoke,
                 student_from_stage_one=False, params_from_stage_one=True,
                 checks=(("rate", POSITIVE),))
