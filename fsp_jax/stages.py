@@ -18,6 +18,7 @@ given as `config.teacher.checkpoint`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -322,12 +323,27 @@ def setup(config, workdir: str) -> Experiment:
   return exp
 
 
+def variable_shapes(network: models.Network, image_shape):
+  """Shapes (ShapeDtypeStructs) of `network`'s variables for images of `image_shape`
+  `(H, W, C)`; traced once per network and shape (no compute)."""
+  return _variable_shapes(network, tuple(image_shape))
+
+
 def network_outputs(network: models.Network, image_shape):
-  """Shapes (ShapeDtypeStructs) of `network`'s `(logits, features)` for a batch of 2."""
-  images = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.uint8)
-  variables = jax.eval_shape(lambda r: network.init(r, image_shape),
-                             jax.random.PRNGKey(0))
-  return jax.eval_shape(network.apply, variables, images)
+  """Shapes (ShapeDtypeStructs) of `network`'s `(logits, features)` for a batch of 2;
+  traced once per network and image shape `(H, W, C)` (no compute)."""
+  return _network_outputs(network, tuple(image_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _variable_shapes(network, image_shape):
+  return jax.eval_shape(lambda r: network.init(r, image_shape), jax.random.PRNGKey(0))
+
+
+@functools.lru_cache(maxsize=64)
+def _network_outputs(network, image_shape):
+  images = jax.ShapeDtypeStruct((2,) + image_shape, jnp.uint8)
+  return jax.eval_shape(network.apply, _variable_shapes(network, image_shape), images)
 
 
 def check_pairings(exp: Experiment) -> None:
@@ -358,8 +374,7 @@ def check_pairings(exp: Experiment) -> None:
 
 def abstract_variables(exp: Experiment, role: str):
   """Shapes, dtypes and (replicated) shardings of `role`'s variables; no compute."""
-  shapes = jax.eval_shape(lambda r: exp.networks[role].init(r, exp.dataset.image_shape),
-                          jax.random.PRNGKey(0))
+  shapes = variable_shapes(exp.networks[role], exp.dataset.image_shape)
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=exp.replicated), shapes)
 
