@@ -84,7 +84,20 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="rounds of --compare")
   p.add_argument("--torch_reference", default=TORCH_REFERENCE)
   p.add_argument("--torch_settings", default=",".join(TORCH_SETTINGS))
-  return p.parse_args(argv)
+  p.add_argument("--methods", default="",
+                 help="time every one of these methods' training steps instead "
+                      "(comma-separated rows of --config: method names, sums such as "
+                      "crd+kd, and 'scratch'; 'zoo': the zoo's rows); the table's "
+                      "batch unless --batch_size is given")
+  p.add_argument("--config", default="cifar10_zoo",
+                 help="the config whose models, batch and methods --methods times")
+  args = p.parse_args(argv)
+  args.batch_size_given = any(a == "--batch_size" or a.startswith("--batch_size=")
+                              for a in (sys.argv[1:] if argv is None else argv))
+  if args.methods == "zoo":
+    from fsp_jax.configs import cifar10_zoo
+    args.methods = ",".join(("scratch",) + cifar10_zoo.METHODS)
+  return args
 
 
 # ---- the JAX steps ---------------------------------------------------------------
@@ -328,6 +341,95 @@ def run_loop(args) -> Dict:
   return out
 
 
+# ---- every method's steps (--methods) -------------------------------------------------
+def method_stages(args):
+  """`{stage name: (StageSetup, method name or 'scratch')}`: every stage after the
+  teacher of `args.config` with `config.methods` = the --methods rows (scratch the
+  baseline), resolved as training resolves them (`fsp_jax.stages.resolve`), on a
+  synthetic CIFAR-sized training set, every stage starting from random weights."""
+  import dataclasses as dc
+  import tempfile
+
+  import ml_collections
+
+  from fsp_jax import config_lib, stages
+  config = config_lib.load(args.config)
+  rows = [r for r in args.methods.split(",") if r]
+  config.methods = tuple(r for r in rows if r != "scratch")
+  config.baselines = ("scratch",) if "scratch" in rows else ()
+  config.num_seeds, config.seed_axis = args.num_seeds, args.seed_axis
+  config.steps_per_call, config.data.pipeline = 1, "host"
+  config.teacher.checkpoint = "(random weights: speed only)"  # No teacher stage.
+  if args.batch_size_given:  # Every stage's batch (the student's, each stage 1's).
+    for key in config:
+      if isinstance(config[key], ml_collections.ConfigDict) and "schedule" in config[key]:
+        config[key].schedule.batch_size = args.batch_size
+  dataset = _synthetic_dataset()
+  planned = stages.plan_stages(config)
+  exp = stages.Experiment(config, tempfile.mkdtemp(prefix="bench_methods_"),
+                          tuple(planned), dataset, stages.mesh_of_all_devices(),
+                          {role: stages.build_network(config, role, dataset)
+                           for role in ("teacher", "student")})
+  out = {}
+  for stage in planned:
+    # Random weights where training would restore a stage 1's: the same step.
+    stage = dc.replace(stage, init_from=None, params_from=None)
+    setup = stages.resolve(exp, stage)
+    random_teacher = lambda: stages.random_variables(exp, "teacher")  # noqa: E731
+    out[stage.name] = (dc.replace(
+        setup, teacher_variables=random_teacher if setup.teacher_variables else None),
+        stage.method or stage.name)
+  return out
+
+
+def run_methods(args) -> Dict:
+  """Seed-images/s of every method's training steps, built as training builds them
+  (`fsp_jax.train.initial_state` and `step_call`: the teacher's forward pass, the
+  method's own parameters, state and frozen parts included), each timed on one fixed
+  batch of its own feed, the steps taking turns (median of `--steps` after
+  `--warmup`). `step_over_kd`: a stage's time over KD's main-task step."""
+  import jax
+
+  from fsp_jax import train
+  steps = {}
+  for name, (stage, row) in method_stages(args).items():
+    teacher = stage.teacher_variables() if stage.teacher_variables else None
+    run_call = train.step_call(stage, teacher)
+    extras = train.example_extras(stage)
+    _, _, inputs = next(iter(stage.feed.calls(0, 1, extras=extras)))
+    steps[name] = [run_call, train.initial_state(stage), inputs, row, stage]
+
+  def once(name):
+    run_call, state, inputs, _, _ = steps[name]
+    t0 = time.perf_counter()
+    state, m = run_call(state, inputs)
+    jax.block_until_ready((state, m))
+    steps[name][1] = state
+    return time.perf_counter() - t0
+
+  for name in steps:
+    for _ in range(max(1, args.warmup)):
+      once(name)
+  samples = {name: [] for name in steps}
+  for _ in range(args.steps):
+    for name in steps:
+      samples[name].append(once(name))
+  times = {name: statistics.median(ts) for name, ts in samples.items()}
+  out = {"methods": "every method's training steps (fsp_jax.train.step_call)",
+         "config": args.config, "framework": f"jax {jax.__version__}",
+         "backend": jax.default_backend(), "devices": jax.device_count(),
+         "num_seeds": args.num_seeds, "steps": {}}
+  kd = times.get("kd")
+  for name, t in times.items():
+    _, _, _, row, stage = steps[name]
+    images = stage.feed.batch_size * len(stage.seeds)
+    out["steps"][name] = {
+        "method": row, "kind": stage.kind, "batch_size": stage.feed.batch_size,
+        "ms_per_step": round(1e3 * t, 2), "seed_images_per_s": round(images / t, 1),
+        **({"step_over_kd": round(t / kd, 3)} if kd else {})}
+  return out
+
+
 # ---- the input pipeline ----------------------------------------------------------
 def run_input_pipeline(args, num_batches: int = 200) -> Dict:
   """Images/s of `data.train_batches` on a CIFAR-sized in-memory data set (50k)."""
@@ -462,6 +564,8 @@ def main(argv=None):
     out = run_loop(args)
   elif args.compare:
     out = compare(args)
+  elif args.methods:
+    out = run_methods(args)
   else:
     out = run_jax(args)
   print(json.dumps(out))

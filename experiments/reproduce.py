@@ -173,12 +173,13 @@ def worker_command(argv: List[str], run: GridRun) -> List[str]:
           "--run", run.name]
 
 
-def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0) -> None:
+def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0,
+             plan: Optional[List[GridRun]] = None) -> None:
   """Runs every grid run, `args.jobs` worker processes at a time (each pinned to its
   share of the cores; on a 2-core CPU two one-core runs do 1.2-1.5x the work of one
   two-core run), a run once those it reads finished. With --jobs 1, in this process.
-  Workers log to `WORKDIR/logs/NAME.log`."""
-  plan = grid_plan(args)
+  Workers log to `WORKDIR/logs/NAME.log`. `plan`: the runs (default: `grid_plan`)."""
+  plan = grid_plan(args) if plan is None else plan
   if args.jobs == 1:
     failed = set()
     for run in plan:

@@ -476,6 +476,45 @@ def _last_step_metrics(step_metrics, one_step: bool, num_seeds: int) -> Dict[str
   return out
 
 
+def example_extras(stage: stages.StageSetup, cache=None):
+  """Per-example arrays the stage's batches carry besides images and labels: the
+  teacher-target `cache` (or None), and each example's row (`index`, int32 `(N,)`)
+  where the objective reads it (CRD's memory bank). None where there are none."""
+  if stage.objective is None or not stage.objective.reads_index:
+    return cache
+  return {**(cache or {}),
+          "index": np.arange(len(stage.dataset.train_labels), dtype=np.int32)}
+
+
+def initial_state(stage: stages.StageSetup) -> TrainState:
+  """The stage's TrainState before its first step (seeds stacked on a leading axis),
+  from where its weights start, replicated over the devices."""
+  create = lambda v, d, o: create_train_state(  # noqa: E731
+      stage.network, v, stage.optimizer, d, o)
+  if len(stage.seeds) > 1:
+    create = over_seeds(create, len(stage.seeds), seed_axis=stage.seed_axis)
+  return jax.jit(create, out_shardings=stage.replicated)(
+      stage.initial_variables(), stage.initial_objective_params(),
+      stage.initial_objective_state())
+
+
+def step_call(stage: stages.StageSetup, teacher_variables=None):
+  """`(state, inputs) -> (state, metrics)`: one call of the stage's jitted training,
+  one step (`jit_train_step`) or K steps and several seeds (`jit_train_steps`),
+  on what `stage.feed.calls` yields; `teacher_variables` where the step runs the
+  teacher (None where its targets come cached in the inputs)."""
+  feed = stage.feed
+  if feed.one_step:
+    step_fn = jit_train_step(stage.network, stage.teacher, stage.objective,
+                             stage.use_labels)
+    return lambda state, inputs: step_fn(state, inputs, teacher_variables)
+  steps_fn = jit_train_steps(stage.network, stage.teacher, stage.objective,
+                             stage.use_labels, len(stage.seeds), feed.device_batch,
+                             stage.seed_axis)
+  train_data = feed.train_data()
+  return lambda state, inputs: steps_fn(state, inputs, teacher_variables, train_data)
+
+
 def train_and_evaluate(stage: stages.StageSetup,
                        preemption: Optional[guards.PreemptionWatch] = None
                        ) -> Dict[str, Any]:
@@ -494,19 +533,10 @@ def train_and_evaluate(stage: stages.StageSetup,
   # The frozen teacher (where the objective reads it) and the initial state.
   teacher_variables = stage.teacher_variables() if stage.teacher_variables else None
   cache = teacher_target_cache(stage, teacher_variables)
-  extras = cache
-  if stage.objective is not None and stage.objective.reads_index:  # Rows, per batch.
-    extras = {**(cache or {}),
-              "index": np.arange(len(stage.dataset.train_labels), dtype=np.int32)}
-  variables = stage.initial_variables()
+  extras = example_extras(stage, cache)
   if stage.start:
     log.info("[%s] %s.", stage.name, stage.start)
-  create = lambda v, d, o: create_train_state(  # noqa: E731
-      stage.network, v, stage.optimizer, d, o)
-  if len(stage.seeds) > 1:
-    create = over_seeds(create, len(stage.seeds), seed_axis=stage.seed_axis)
-  state = jax.jit(create, out_shardings=stage.replicated)(
-      variables, stage.initial_objective_params(), stage.initial_objective_state())
+  state = initial_state(stage)
 
   # Restore: the newest intact checkpoint (one that cannot be read is moved aside).
   mngr = checkpoints.manager(stage.folder, stage.max_checkpoints_to_keep)
@@ -519,18 +549,7 @@ def train_and_evaluate(stage: stages.StageSetup,
 
   # The step: one `train_step` per call, or K steps (and several seeds) per call.
   feed, total = stage.feed, stage.schedule.num_steps
-  step_teacher = None if cache is not None else teacher_variables
-  if feed.one_step:
-    step_fn = jit_train_step(stage.network, stage.teacher, stage.objective,
-                             stage.use_labels)
-    run_call = lambda state, inputs: step_fn(state, inputs, step_teacher)  # noqa: E731
-  else:
-    steps_fn = jit_train_steps(stage.network, stage.teacher, stage.objective,
-                               stage.use_labels, len(stage.seeds), feed.device_batch,
-                               stage.seed_axis)
-    train_data = feed.train_data()
-    run_call = lambda state, inputs: steps_fn(  # noqa: E731
-        state, inputs, step_teacher, train_data)
+  run_call = step_call(stage, None if cache is not None else teacher_variables)
 
   writer = metrics.MetricsWriter(stage.folder, start, kind=stage.kind, final_step=total)
   guard = guards.NonFiniteGuard(stage.name, stage.learning_rates_field, stage.folder,

@@ -11,7 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compiles about a third faster (the same results to float rounding; speed is
 # measured by benchmarks/, never here). A level set by the caller is kept.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+  os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
+                              " --xla_llvm_disable_expensive_passes=true")
 # One persistent compilation cache for the whole test session, its worker processes
 # (pytest-xdist, which inherit this environment) and the command-line subprocesses
 # the tests start: a program compiled once (the smoke config's steps, evaluations,
@@ -135,7 +136,19 @@ LONGEST_FIRST = ("test_zoo.py", "test_gpu_script.py", "test_seeds.py", "test_fsp
                  "test_notebook.py", "test_registry.py", "test_plots.py", "test_bench.py")
 
 
+# The runs several tests of a file read (`shared_dir`), by fixture name: the tests
+# that read one go to the same worker (pytest-xdist's loadgroup), so no other worker
+# waits on its lock while it is built.
+SHARED_RUNS = {"test_zoo.py": ("every_method_run",), "test_seeds.py": ("teacher",),
+               "test_fsp_cache.py": ("tiny_teacher",), "test_plots.py": ("tiny_run",),
+               "test_reliability.py": ("clean_run",)}
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+  for item in items:
+    for fixture in SHARED_RUNS.get(item.path.name, ()):
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(f"{item.path.name}:{fixture}"))

@@ -8,8 +8,11 @@ from fsp_jax import config_lib, methods, models, stages, validation
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ["cifar100_fast_optimization", "cifar100_minimization",
            "cifar10_fast_optimization", "cifar10_minimization", "cifar10_teacher",
-           "cub200_transfer", "default", "quickstart", "transfer_demo"]
-EXPECTED = {"fsp": ["fsp", "student"], "fitnet": ["fitnet_hint", "fitnet"], "kd": ["kd"]}
+           "cifar10_zoo", "cub200_transfer", "default", "quickstart", "transfer_demo"]
+EXPECTED = {"fsp": ["fsp", "student"], "fitnet": ["fitnet_hint", "fitnet"], "kd": ["kd"],
+            "ab": ["ab_init", "ab"], "ft": ["ft_paraphraser", "ft"], "crd+kd": ["crd+kd"],
+            **{m: [m] for m in ("at", "sp", "pkt", "rkd", "nst", "cc", "vid", "crd",
+                                "dkd")}}
 
 
 def test_every_config_of_the_folder_is_shipped():

@@ -10,7 +10,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_script_dry_run(tmp_path, cli_env):
   out = tmp_path / "gpu"
-  env = dict(cli_env, DRY_RUN="1", OUT=str(out), PYTHON=sys.executable)
+  env = dict(cli_env, DRY_RUN="1", OUT=str(out), PYTHON=sys.executable,
+             PART="tables,zoo")
   proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "run.sh")],
                         cwd=str(tmp_path), env=env, capture_output=True, text=True,
                         timeout=1500)
@@ -26,3 +27,11 @@ def test_gpu_script_dry_run(tmp_path, cli_env):
   assert [p["seed"] for p in table3["student"]["per_seed"]] == [0, 1, 2]
   summary = (out / "summary.md").read_text()
   assert "### table3" in summary and "88.7" in summary and "### table1" in summary
+  # The zoo: one teacher, then kd, fsp, at, crd, dkd and scratch, 3 seeds each, on
+  # RepDistiller's recipe, beside its published CIFAR-100 numbers.
+  zoo = json.load(open(out / "zoo" / "results.json"))
+  assert set(zoo) == {"teacher", "kd", "fsp", "student", "at", "crd", "dkd", "scratch"}
+  for stage in ("kd", "student", "at", "crd", "dkd", "scratch"):
+    assert [p["seed"] for p in zoo[stage]["per_seed"]] == [0, 1, 2], stage
+  assert zoo["scratch"]["steps"] == 2  # 187,500 x the dry run's 1e-5.
+  assert "### zoo" in summary and "75.51" in summary and "76.32" in summary
