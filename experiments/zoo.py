@@ -51,6 +51,23 @@ PUBLISHED = {"scratch": (72.50, 69.06), "kd": (73.33, 70.66), "fitnet": (73.50, 
 PUBLISHED_TEACHER = (79.42, 72.34)
 
 
+# Why a method's step costs what it does beyond KD's (the teacher's forward pass and
+# the student's step, which every method has), where that is over 1.25x.
+COST_NOTES = {
+    "crd": "scoring every example against its memory bank: with N = 50,000 training "
+           "examples under 8 x (16384 + 1) the bank is scored by one B x N x 128 product "
+           "per side and seed (forward and backward, 4 x 0.8 GMAC per seed at B = 128, "
+           "about a third of KD's whole step), cheaper here than gathering B x 16385 "
+           "rows of 128 floats per side (RepDistiller's form: 1 GB of reads per side and "
+           "seed per step); the negatives' count is the paper's, so this cost is the "
+           "method's. crd+kd adds KD's term to it, nothing more.",
+    "vid": "three 1x1 convolutions per section and their gradients on every section's "
+           "output, at full resolution (32 x 32 in the first section), plus the "
+           "per-channel variance's softplus: memory-bound on a CPU; not yet profiled "
+           "further.",
+}
+
+
 def row_method(row: str) -> Optional[str]:
   """The `config.methods` entry of a row (None: scratch)."""
   return {"scratch": None, "fsp_mean": "fsp"}.get(row, row)
@@ -248,8 +265,12 @@ def write(args, command: str) -> str:
     json.dump(table, f, indent=1)
   teacher = metrics.read_results(os.path.join(wd, "teacher")).get("teacher")
   invocations = read_invocations(wd)
+  done = [r for r in args.rows if r in table]
   lines = ["# The distiller zoo on CIFAR-10 (ResNet-26 -> ResNet-8, scaled)", "",
-           f"Command: `{command}`", ""]
+           f"Command: `{command}`", "",
+           f"Rows finished: **{len(done)} of {len(args.rows)}**"
+           + ("." if len(done) == len(args.rows) else
+              " (the command is resumable: rerunning it trains the rest)."), ""]
   if invocations:
     total = sum(i["elapsed_s"] for i in invocations)
     lines += [f"Wall time of the command: **{total / 60:.1f} min** over "
@@ -274,6 +295,29 @@ def write(args, command: str) -> str:
              "-" if ratio is None else f"{ratio:.2f}x", t["weight"] or "-",
              str(pub[0]), str(pub[1])]
     lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  if bench:
+    lines += ["", "## What each step costs", "",
+              f"`benchmarks/bench.py --methods zoo` ({bench.get('framework', '')}, "
+              f"{bench.get('backend', '')}, {bench.get('devices', '?')} device(s), "
+              f"{bench.get('num_seeds', '?')} seeds per step): every training step of the "
+              "table as training builds it, the teacher's forward pass included, "
+              "medians of steps taking turns.", "",
+              "| stage | method | batch | ms per step | seed-images/s | / KD's step | "
+              "/ scratch's step |", "|---|---|---|---|---|---|---|"]
+    steps = bench.get("steps", {})
+    scratch_ms = steps.get("scratch", {}).get("ms_per_step")
+    for name, st in steps.items():
+      over = f"{st['ms_per_step'] / scratch_ms:.2f}x" if scratch_ms else "-"
+      lines.append(f"| {name} | {st['method']} | {st['batch_size']} | "
+                   f"{st['ms_per_step']:.0f} | {st['seed_images_per_s']:.0f} | "
+                   f"{st.get('step_over_kd', float('nan')):.2f}x | {over} |")
+    slow = [n for n, st in steps.items() if st.get("step_over_kd", 0) > 1.25]
+    if slow:
+      lines += ["", "Over 1.25x KD's step: " + ", ".join(
+          f"{n} ({steps[n]['step_over_kd']:.2f}x)" for n in slow) + "."]
+      notes = dict.fromkeys(m for n in slow for m in steps[n]["method"].split("+")
+                            if m in COST_NOTES)
+      lines += [f"- {m}: {COST_NOTES[m]}" for m in notes]
   if plot(wd, args.rows, os.path.join(args.report_dir, "accuracy_vs_iteration.png")):
     lines += ["", "![test accuracy against iteration](accuracy_vs_iteration.png)"]
   text = "\n".join(lines) + "\n"
@@ -350,7 +394,8 @@ def main(argv=None):
     finally:
       stop.set()
       clock.join()
-  print(write(args, command_line(argv)))
+  recorded = read_invocations(os.path.abspath(args.workdir))
+  print(write(args, recorded[-1]["command"] if recorded else command_line(argv)))
 
 
 if __name__ == "__main__":

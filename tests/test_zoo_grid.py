@@ -92,9 +92,13 @@ def test_report_and_results_json(tmp_path):
   _write(wd, "fsp_mean", {"fsp": {"kind": "fsp", "steps": 210, "wall_time_s": 1.0},
                           "student": _classify([0.65, 0.66, 0.67], 0.69)})
   bench = tmp_path / "bench.json"
+  step = lambda method, ms: {"method": method, "kind": "classify",  # noqa: E731
+                              "batch_size": 128, "ms_per_step": ms,
+                              "seed_images_per_s": 384e3 / ms, "step_over_kd": ms / 170}
   bench.write_text("log line\n" + json.dumps({"steps": {
-      "scratch": {"ms_per_step": 100.0}, "crd+kd": {"ms_per_step": 230.0},
-      "student": {"ms_per_step": 101.0}, "fsp": {"ms_per_step": 180.0}}}))
+      "scratch": step("scratch", 100.0), "kd": step("kd", 170.0),
+      "crd+kd": step("crd+kd", 230.0), "student": step("fsp", 101.0),
+      "fsp": step("fsp", 180.0)}}))
   args = _args(tmp_path, "--bench", str(bench))
   text = zoo.write(args, "python experiments/zoo.py --scale 0.01")
   results = json.load(open(tmp_path / "r" / "results.json"))
@@ -114,3 +118,7 @@ def test_report_and_results_json(tmp_path):
   assert "| 75.46 | 71.63 |" in text  # The CRD paper's CIFAR-100 CRD+KD, beside it.
   assert "| kd | not finished |" in text
   assert (tmp_path / "r" / "accuracy_vs_iteration.png").exists()
+  # Each step's cost, and why one over 1.25x KD's costs what it does.
+  assert "| crd+kd | crd+kd | 128 | 230 | 1670 | 1.35x | 2.30x |" in text
+  assert "Over 1.25x KD's step: crd+kd (1.35x)." in text
+  assert "- crd: scoring every example against its memory bank" in text
