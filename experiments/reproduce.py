@@ -167,6 +167,16 @@ def core_groups(jobs: int) -> List[Optional[List[int]]]:
   return [cores[k * per:(k + 1) * per] for k in range(jobs)]
 
 
+def cores_for(run: GridRun, others: List[GridRun], running, cores):
+  """The cores `run` starts on: its slot's `cores`, or every core of this process
+  (None) where nothing else runs and every other pending run reads it (a teacher
+  before the runs that read it): a run that can have no neighbour is not held to one
+  slot's share."""
+  if not running and all(run.name in other.after for other in others):
+    return None
+  return cores
+
+
 def worker_command(argv: List[str], run: GridRun) -> List[str]:
   """A worker's command line: this script, the grid's flags, `--run NAME`."""
   return [sys.executable, os.path.abspath(__file__), *argv, "--jobs", "1",
@@ -209,6 +219,7 @@ def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0,
           elif set(run.after) <= done:
             pending.remove(run)
             path = os.path.join(logs, run.name + ".log")
+            cores = cores_for(run, pending, running, cores)
             pin = (None if cores is None
                    else functools.partial(os.sched_setaffinity, 0, cores))
             with open(path, "a") as out:

@@ -97,6 +97,17 @@ def test_core_groups_split_the_allowed_cores(monkeypatch):
     reproduce.core_groups(5)
 
 
+def test_a_run_nothing_can_run_beside_takes_every_core():
+  teacher, scratch = reproduce.GridRun("teacher", None), reproduce.GridRun("s", None)
+  reads = [reproduce.GridRun(n, None, ("teacher",)) for n in ("a", "b")]
+  # Alone, and everything left reads it: every core.
+  assert reproduce.cores_for(teacher, reads, {}, [0]) is None
+  # A run that could go beside it (scratch), or one already running: its slot's.
+  assert reproduce.cores_for(teacher, reads + [scratch], {}, [0]) == [0]
+  assert reproduce.cores_for(reads[0], reads[1:], {1: "running"}, [0]) == [0]
+  assert reproduce.cores_for(reads[0], reads[1:], {}, [1]) == [1]
+
+
 def _fake_grid(monkeypatch, tmp_path, runs, exit_codes):
   """run_grid over fake runs: each worker logs its start and end times, sleeps, and
   exits with `exit_codes.get(name, 0)`."""
