@@ -167,6 +167,18 @@ def core_groups(jobs: int) -> List[Optional[List[int]]]:
   return [cores[k * per:(k + 1) * per] for k in range(jobs)]
 
 
+def finished(args, run: GridRun) -> bool:
+  """Whether `run`'s directory holds the results of every stage it plans (a run an
+  earlier command finished)."""
+  if run.config is None:
+    return False
+  from fsp_jax import metrics, stages
+  results = metrics.read_results(os.path.join(os.path.abspath(args.workdir), run.name))
+  names = (["fsp"] if run.stage1_only
+           else [s.name for s in stages.plan_stages(run.config)])
+  return bool(results) and all(name in results for name in names)
+
+
 def cores_for(run: GridRun, others: List[GridRun], running, cores):
   """The cores `run` starts on: its slot's `cores`, or every core of this process
   (None) where nothing else runs and every other pending run reads it (a teacher
@@ -200,6 +212,11 @@ def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0,
   os.makedirs(logs, exist_ok=True)
   slots = core_groups(args.jobs)
   pending, running, done, failed, error = list(plan), {}, set(), set(), None
+  for run in plan:  # Finished by an earlier command: no worker for it.
+    if finished(args, run):
+      pending.remove(run)
+      done.add(run.name)
+      log.info("=== %s finished before", run.name)
 
   def stop(signum, frame):  # SIGTERM of the grid: its workers save and stop too.
     raise SystemExit(f"grid stopped by signal {signum}. Run the same command again to "

@@ -108,6 +108,20 @@ def test_a_run_nothing_can_run_beside_takes_every_core():
   assert reproduce.cores_for(reads[0], reads[1:], {}, [1]) == [1]
 
 
+def test_a_run_finished_before_is_not_started_again(tmp_path):
+  args = _args(tmp_path)
+  plan = {run.name: run for run in reproduce.grid_plan(args)}
+  scratch = plan["table3_scratch"]
+  assert not reproduce.finished(args, scratch)
+  os.makedirs(tmp_path / "table3_scratch")
+  (tmp_path / "table3_scratch" / "results.json").write_text(json.dumps({
+      "scratch": {"test_accuracy": 0.5}}))
+  assert reproduce.finished(args, scratch)
+  (tmp_path / "table3" / "x").mkdir(parents=True)
+  (tmp_path / "table3" / "results.json").write_text(json.dumps({"fsp": {}}))
+  assert not reproduce.finished(args, plan["table3"])  # Its student is not there yet.
+
+
 def _fake_grid(monkeypatch, tmp_path, runs, exit_codes):
   """run_grid over fake runs: each worker logs its start and end times, sleeps, and
   exits with `exit_codes.get(name, 0)`."""
