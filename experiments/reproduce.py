@@ -279,6 +279,21 @@ def run_grid(args, argv: List[str], command=worker_command, poll_s: float = 1.0,
     raise RuntimeError(error + ". Run the same command again to resume.")
 
 
+def run_worker(args, plan: List[GridRun]) -> None:
+  """A --jobs worker: runs `args.run` of `plan` and exits with its status (0, or
+  EXIT_DIVERGED, EXIT_PREEMPTED after saving a checkpoint)."""
+  runs = {run.name: run for run in plan}
+  if args.run not in runs:
+    sys.exit(f"--run {args.run!r} is not a run of this grid; its runs: "
+             f"{', '.join(runs)}.")
+  from fsp_jax import guards
+  try:
+    sys.exit(0 if run_one(args, runs[args.run]) else EXIT_DIVERGED)
+  except guards.Preempted as e:  # Checkpoint saved: rerunning the grid resumes.
+    log.warning("=== %s stopped: %s", args.run, e)
+    sys.exit(EXIT_PREEMPTED)
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data_root", default="/tmp/cifar10",
@@ -346,16 +361,7 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("fsp_jax").setLevel(logging.INFO)
   if args.run:  # A --jobs worker: one run, no report.
-    plan = {run.name: run for run in grid_plan(args)}
-    if args.run not in plan:
-      sys.exit(f"--run {args.run!r} is not a run of this grid; its runs: "
-               f"{', '.join(plan)}.")
-    from fsp_jax import guards
-    try:
-      sys.exit(0 if run_one(args, plan[args.run]) else EXIT_DIVERGED)
-    except guards.Preempted as e:  # Checkpoint saved: rerunning the grid resumes.
-      log.warning("=== %s stopped: %s", args.run, e)
-      sys.exit(EXIT_PREEMPTED)
+    run_worker(args, grid_plan(args))
   if not args.report_only:
     t0 = time.time()
     run_grid(args, [a for a in argv if a != "--report_only"])

@@ -370,17 +370,8 @@ def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("fsp_jax").setLevel(logging.INFO)
-  if args.run:
-    plan = {run.name: run for run in grid_plan(args)}
-    if args.run not in plan:
-      sys.exit(f"--run {args.run!r} is not a run of the zoo; its runs: "
-               f"{', '.join(plan)}.")
-    from fsp_jax import guards
-    try:
-      sys.exit(0 if reproduce.run_one(args, plan[args.run]) else reproduce.EXIT_DIVERGED)
-    except guards.Preempted as e:
-      log.warning("=== %s stopped: %s", args.run, e)
-      sys.exit(reproduce.EXIT_PREEMPTED)
+  if args.run:  # A --jobs worker.
+    reproduce.run_worker(args, grid_plan(args))
   if not args.report_only:
     wd = os.path.abspath(args.workdir)
     os.makedirs(wd, exist_ok=True)

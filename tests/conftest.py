@@ -152,3 +152,18 @@ def pytest_collection_modifyitems(config, items):
     for fixture in SHARED_RUNS.get(item.path.name, ()):
       if fixture in getattr(item, "fixturenames", ()):
         item.add_marker(pytest.mark.xdist_group(f"{item.path.name}:{fixture}"))
+
+
+def write_run(workdir, name, results, curves=None):
+  """A run directory as a run leaves it: `results.json`, and per stage the
+  `metrics.jsonl` records in `curves` (`{stage: [record, ...]}`)."""
+  import json
+  run_dir = os.path.join(workdir, name)
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "results.json"), "w") as f:
+    json.dump(results, f)
+  for stage, records in (curves or {}).items():
+    os.makedirs(os.path.join(run_dir, stage), exist_ok=True)
+    with open(os.path.join(run_dir, stage, "metrics.jsonl"), "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")

@@ -14,6 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments/ is a folder of the checkout, not of the package.
 
+from conftest import write_run  # noqa: E402
 from experiments import reproduce, report  # noqa: E402
 from fsp_jax import stages  # noqa: E402
 
@@ -239,24 +240,12 @@ def _classify(accs, ensemble, steps=640):
   return out
 
 
-def _write_run(workdir, name, results, curves=None):
-  run_dir = os.path.join(workdir, name)
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "results.json"), "w") as f:
-    json.dump(results, f)
-  for stage, records in (curves or {}).items():
-    os.makedirs(os.path.join(run_dir, stage), exist_ok=True)
-    with open(os.path.join(run_dir, stage, "metrics.jsonl"), "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-
-
 def test_report_tables_gains_and_best_evaluations(tmp_path):
   wd = str(tmp_path / "w")
-  _write_run(wd, "teacher", {"teacher": _classify([0.80], None, 640)})
+  write_run(wd, "teacher", {"teacher": _classify([0.80], None, 640)})
   per_seed = lambda accs: [{"seed": s, "test_accuracy": a}  # noqa: E731
                            for s, a in enumerate(accs)]
-  _write_run(wd, "table3", {
+  write_run(wd, "table3", {
       "fsp": {"kind": "fsp", "steps": 210, "wall_time_s": 30.0, "test_fsp_loss": 5.0,
               "per_seed": [{"seed": s, "test_fsp_loss": 5.0 + s} for s in range(3)]},
       "student": _classify([0.74, 0.75, 0.76], 0.78)},
@@ -264,8 +253,8 @@ def test_report_tables_gains_and_best_evaluations(tmp_path):
                     "per_seed": per_seed([0.50, 0.77, 0.60])},
                    {"step": 640, "test_accuracy": 0.75,
                     "per_seed": per_seed([0.74, 0.75, 0.76])}]})
-  _write_run(wd, "table3_scratch", {"scratch": _classify([0.70, 0.72, 0.71], 0.73)})
-  _write_run(wd, "stage1_exact_table1", {})
+  write_run(wd, "table3_scratch", {"scratch": _classify([0.70, 0.72, 0.71], 0.73)})
+  write_run(wd, "stage1_exact_table1", {})
   with open(os.path.join(wd, "stage1_exact_table1", "diverged.json"), "w") as f:
     json.dump({"error": "[fsp] the loss became nan at step 9"}, f)
   args = _args(tmp_path, "--workdir", wd, "--report_dir", str(tmp_path / "r"))

@@ -11,6 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments/ is a folder of the checkout, not of the package.
 
+from conftest import write_run  # noqa: E402
 from experiments import zoo  # noqa: E402
 from fsp_jax import methods, stages  # noqa: E402
 
@@ -65,31 +66,19 @@ def _classify(accs, ensemble, steps=640):
           "per_seed": [{"seed": s, "test_accuracy": a} for s, a in enumerate(accs)]}
 
 
-def _write(workdir, name, results, curves=None):
-  run_dir = os.path.join(workdir, name)
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "results.json"), "w") as f:
-    json.dump(results, f)
-  for stage, records in (curves or {}).items():
-    os.makedirs(os.path.join(run_dir, stage), exist_ok=True)
-    with open(os.path.join(run_dir, stage, "metrics.jsonl"), "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-
-
 def test_report_and_results_json(tmp_path):
   wd = str(tmp_path / "w")
-  _write(wd, "teacher", {"teacher": {**_classify([0.8, 0.8], None, 3200),
+  write_run(wd, "teacher", {"teacher": {**_classify([0.8, 0.8], None, 3200),
                                      "test_accuracy": 0.79}})
   per_seed = lambda accs: [{"seed": s, "test_accuracy": a}  # noqa: E731
                            for s, a in enumerate(accs)]
-  _write(wd, "scratch", {"scratch": _classify([0.60, 0.62, 0.61], 0.64)})
-  _write(wd, "crd_kd", {"crd+kd": _classify([0.70, 0.72, 0.74], 0.75)},
+  write_run(wd, "scratch", {"scratch": _classify([0.60, 0.62, 0.61], 0.64)})
+  write_run(wd, "crd_kd", {"crd+kd": _classify([0.70, 0.72, 0.74], 0.75)},
          {"crd+kd": [{"step": 320, "test_accuracy": 0.7,
                       "per_seed": per_seed([0.71, 0.80, 0.60])},
                      {"step": 640, "test_accuracy": 0.72,
                       "per_seed": per_seed([0.70, 0.72, 0.74])}]})
-  _write(wd, "fsp_mean", {"fsp": {"kind": "fsp", "steps": 210, "wall_time_s": 1.0},
+  write_run(wd, "fsp_mean", {"fsp": {"kind": "fsp", "steps": 210, "wall_time_s": 1.0},
                           "student": _classify([0.65, 0.66, 0.67], 0.69)})
   bench = tmp_path / "bench.json"
   step = lambda method, ms: {"method": method, "kind": "classify",  # noqa: E731
