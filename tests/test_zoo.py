@@ -314,7 +314,7 @@ def _np_normalize(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_crd_against_a_numpy_transcription_of_repdistiller():
+def test_crd_against_a_numpy_transcription_of_repdistiller(monkeypatch):
   from fsp_jax.methods import crd as crd_lib
   rng = np.random.default_rng(3)
   n, d, k, b, c_s, c_t = 12, 4, 5, 3, 6, 7
@@ -367,6 +367,23 @@ def test_crd_against_a_numpy_transcription_of_repdistiller():
   got = crd_lib.bank_scores(big, jnp.asarray(f_s, jnp.float32), jnp.asarray(idx))
   np.testing.assert_allclose(np.asarray(got), np.einsum(
       "bjd,bd->bj", np.asarray(big, np.float64)[idx], f_s), rtol=1e-5, atol=1e-6)
+  # The whole bank scored, each row weighted by its draws (this bank of 12 rows), is
+  # the sum over the gathered rows (larger banks): the same loss, Z and gradients.
+  def run(whole):
+    monkeypatch.setattr(crd_lib, "scores_whole_bank", lambda n, k: whole)
+    def f(params, s_map):
+      loss, new = obj.objective(params, jnp.asarray(t_emb), jnp.zeros((b, 10)),
+                                {"section3": s_map}, step, labels=jnp.asarray(
+                                    labels[index]), index=jnp.asarray(index),
+                                state=state)
+      return jnp.sum(loss), new["z"]
+    (loss, z), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(
+        params, jnp.asarray(s_map))
+    return loss, z, grads
+  whole, gathered = run(True), run(False)
+  assert float(whole[0]) == pytest.approx(b * want, rel=1e-4)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               whole, gathered)
   # Negatives are uniform over the other classes' examples.
   many = np.asarray(crd_lib.negatives(jax.random.PRNGKey(1), jnp.zeros(400, jnp.int32),
                                       state, 50))

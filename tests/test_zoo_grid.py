@@ -111,3 +111,25 @@ def test_report_and_results_json(tmp_path):
   assert "| crd+kd | crd+kd | 128 | 230 | 1670 | 1.35x | 2.30x |" in text
   assert "Over 1.25x KD's step: crd+kd (1.35x)." in text
   assert "- crd: scoring every example against its memory bank" in text
+
+
+def test_ranking_against_the_published_order():
+  """Ranks, Spearman's rho and the rows not clear of scratch, from the table."""
+  row = lambda mean, std=0.5: {"mean": mean, "std": std, "steps": 512}  # noqa: E731
+  # Published 32x4->8x4: crd 75.51 > kd 73.33 > fsp 72.62 > scratch 72.50.
+  table = {"scratch": row(60.0), "kd": row(60.2), "fsp": row(63.0), "crd": row(62.0),
+           "fsp_mean": row(64.0)}
+  rank = zoo.ranking(table)
+  assert rank["rows"] == ["fsp", "crd", "kd", "scratch"]  # fsp_mean: nothing published
+  first = rank["resnet32x4->resnet8x4"]
+  # Ours 1..4 = fsp, crd, kd, scratch; theirs = crd, kd, fsp, scratch: d = 2, 1, 1, 0.
+  assert first["spearman"] == pytest.approx(1 - 6 * (4 + 1 + 1) / (4 * 15), abs=1e-3)
+  assert first["shift"] == {"fsp": 2.0, "crd": -1.0, "kd": -1.0, "scratch": 0.0}
+  # kd is 0.2 above scratch, less than 2 x 0.5 / sqrt(3) = 0.58.
+  assert rank["not_above_scratch"] == ["kd"]
+  assert zoo.spearman({"a": 1, "b": 2, "c": 3}, {"a": 30, "b": 20, "c": 10}) == -1.0
+  text = "\n".join(zoo.ranking_lines(table))
+  assert "fsp 63.00 > crd 62.00 > kd 60.20 > scratch 60.00" in text
+  assert "**+0.40** (resnet32x4 -> resnet8x4)" in text
+  assert "each student trains 512 iterations" in text
+  assert zoo.ranking_lines({"scratch": row(60.0)}) == []

@@ -48,35 +48,64 @@ from fsp_jax.validation import COUNT, POSITIVE, ConfigError, Range
 _EPS = 1e-7
 
 
-def contrast_loss(scores: jax.Array, num_examples: int) -> jax.Array:
-  """RepDistiller's `ContrastLoss` of `scores` `(B, 1 + K)` (the positive first, then
-  the K negatives, each `P(i, j)`): a scalar."""
-  k = scores.shape[1] - 1
-  noise = k / float(num_examples)
-  log_pos = jnp.log(scores[:, 0] / (scores[:, 0] + noise + _EPS))
-  log_neg = jnp.log(noise / (scores[:, 1:] + noise + _EPS))
-  return -(jnp.sum(log_pos) + jnp.sum(log_neg)) / scores.shape[0]
+def contrast_loss(positives: jax.Array, negatives: jax.Array, num_examples: int,
+                  num_negatives: int, weights=None) -> jax.Array:
+  """RepDistiller's `ContrastLoss` of `positives` `(B,)` (each `P(i, i)`) and
+  `negatives` `(B, M)` (each `P(i, j)`, the K drawn negatives, M = K), a scalar; with
+  `weights` `(B, M)`, each negative counted that many times (M = N, the whole bank
+  scored and `weights` how often each row was drawn)."""
+  noise = num_negatives / float(num_examples)
+  log_pos = jnp.log(positives / (positives + noise + _EPS))
+  log_neg = jnp.log(noise / (negatives + noise + _EPS))
+  if weights is not None:
+    log_neg = weights * log_neg
+  return -(jnp.sum(log_pos) + jnp.sum(log_neg)) / positives.shape[0]
 
 
 def negatives(key, labels: jax.Array, state: Params, k: int) -> jax.Array:
   """`(B, K)` rows of training examples whose class is not the batch's `labels`,
-  uniform with replacement: `state['order']` lists the rows by class, class c's at
+  uniform with replacement (a 32-bit draw modulo the number of such rows: a bias
+  below that number / 2^32): `state['order']` lists the rows by class, class c's at
   `start[c] .. start[c] + count[c] - 1`."""
   start, count = state["start"][labels], state["count"][labels]
-  n_other = state["order"].shape[0] - count
-  u = jax.random.randint(key, (labels.shape[0], k), 0, n_other[:, None])
+  n_other = (state["order"].shape[0] - count).astype(jnp.uint32)
+  u = (jax.random.bits(key, (labels.shape[0], k), jnp.uint32)
+       % n_other[:, None]).astype(jnp.int32)
   return state["order"][u + jnp.where(u >= start[:, None], count[:, None], 0)]
+
+
+def scores_whole_bank(num_examples: int, num_negatives: int) -> bool:
+  """Whether to score every bank row (one `(B, D) x (D, N)` product) rather than
+  gather the `B x K` drawn rows: where the bank is at most 8 times K rows."""
+  return num_examples <= 8 * (num_negatives + 1)
 
 
 def bank_scores(memory: jax.Array, embeddings: jax.Array, rows: jax.Array) -> jax.Array:
   """`memory[rows[b, j]] . embeddings[b]` `(B, J)` for a bank `(N, D)`, embeddings
-  `(B, D)`: by one product with the whole bank where that is cheaper than gathering
-  B x J rows, else by the gather."""
-  if memory.shape[0] <= 8 * rows.shape[1]:
-    full = jnp.matmul(embeddings, memory.T, precision=jax.lax.Precision.HIGHEST)
-    return jnp.take_along_axis(full, rows, axis=1)
+  `(B, D)`, by gathering the B x J rows (for banks too large to score whole)."""
   return jnp.einsum("bjd,bd->bj", memory[rows], embeddings,
                     precision=jax.lax.Precision.HIGHEST)
+
+
+def draw_counts(rows: jax.Array, num_examples: int) -> jax.Array:
+  """`(B, N)` float32: how often each bank row appears in `rows[b]` `(B, K)`."""
+  b = jnp.arange(rows.shape[0])[:, None]
+  return jnp.zeros((rows.shape[0], num_examples), jnp.int32).at[b, rows].add(
+      1).astype(jnp.float32)
+
+
+def side_scores(memory: jax.Array, embeddings: jax.Array, index: jax.Array,
+                rows: jax.Array, counts, temperature: float):
+  """One side's `exp(m . f / T)`: `(positives (B,), negatives (B, M))`, M = K drawn
+  rows, or M = N (every row, to be weighted by `counts`) where `counts` is given."""
+  if counts is None:
+    scores = jnp.exp(bank_scores(memory, embeddings,
+                                 jnp.concatenate([index[:, None], rows], 1))
+                     / temperature)
+    return scores[:, 0], scores[:, 1:]
+  full = jnp.exp(jnp.matmul(embeddings, memory.T, precision=jax.lax.Precision.HIGHEST)
+                 / temperature)
+  return jnp.take_along_axis(full, index[:, None], axis=1)[:, 0], full
 
 
 def update_bank(memory: jax.Array, rows: jax.Array, embeddings: jax.Array,
@@ -175,19 +204,30 @@ class CRD(Objective):
     f_t = l2_normalize(jax.lax.stop_gradient(targets) @ params["embed_t"]["kernel"]
                        + params["embed_t"]["bias"])
     key = jax.random.fold_in(state["key"], step)
-    rows = jnp.concatenate([index[:, None],
-                            negatives(key, labels, state, self.num_negatives)], 1)
-    memory_s, memory_t = state["memory_s"], state["memory_t"]
-    exp_s = jnp.exp(bank_scores(memory_t, f_s, rows) / self.temperature)
-    exp_t = jnp.exp(bank_scores(memory_s, f_t, rows) / self.temperature)
-    z = jnp.where(state["z"] < 0,
-                  jax.lax.stop_gradient(jnp.stack([jnp.mean(exp_s), jnp.mean(exp_t)]))
-                  * n, state["z"])
-    loss = contrast_loss(exp_s / z[0], n) + contrast_loss(exp_t / z[1], n)
+    rows = negatives(key, labels, state, self.num_negatives)
+    # Where the bank is small (CIFAR's 50,000 rows for 16,384 negatives), every row is
+    # scored and each weighted by how often it was drawn: the same sums as over the
+    # drawn rows, with no gather of B x K rows forward nor scatter of their gradients
+    # backward (what made this term cost most of a student's step on a CPU).
+    counts = (draw_counts(rows, n) if scores_whole_bank(n, self.num_negatives)
+              else None)
+    pos_s, neg_s = side_scores(state["memory_t"], f_s, index, rows, counts,
+                               self.temperature)
+    pos_t, neg_t = side_scores(state["memory_s"], f_t, index, rows, counts,
+                               self.temperature)
+    drawn = pos_s.shape[0] * (self.num_negatives + 1)
+
+    def mean(pos, neg):  # over the B x (1 + K) drawn scores
+      return (jnp.sum(pos) + jnp.sum(neg if counts is None else counts * neg)) / drawn
+
+    z = jnp.where(state["z"] < 0, jax.lax.stop_gradient(
+        jnp.stack([mean(pos_s, neg_s), mean(pos_t, neg_t)])) * n, state["z"])
+    loss = (contrast_loss(pos_s / z[0], neg_s / z[0], n, self.num_negatives, counts)
+            + contrast_loss(pos_t / z[1], neg_t / z[1], n, self.num_negatives, counts))
     f_s, f_t = jax.lax.stop_gradient(f_s), jax.lax.stop_gradient(f_t)
     new_state = {**state, "z": z,
-                 "memory_s": update_bank(memory_s, index, f_s, self.momentum),
-                 "memory_t": update_bank(memory_t, index, f_t, self.momentum)}
+                 "memory_s": update_bank(state["memory_s"], index, f_s, self.momentum),
+                 "memory_t": update_bank(state["memory_t"], index, f_t, self.momentum)}
     return batch_loss(self.weight * loss, logits), new_state
 
 
