@@ -10,6 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # of the suite's, and LLVM's optimisation passes most of that. Without them a test
 # compiles about a third faster (the same results to float rounding; speed is
 # measured by benchmarks/, never here). A level set by the caller is kept.
+# (XLA:CPU's older loop emitters, --xla_cpu_use_fusion_emitters=false, would halve
+# the compile time again but round differently from one program to the next: the
+# tests that compare two programs' training fail with them.)
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
                               " --xla_llvm_disable_expensive_passes=true")
@@ -55,7 +58,11 @@ def shared_dir(tmp_path_factory, name: str, build):
   for runs that several tests only read. `build` must succeed or raise."""
   import fcntl
 
-  root = tmp_path_factory.getbasetemp().parent / f"shared_{name}"
+  base = tmp_path_factory.getbasetemp()
+  # Under pytest-xdist each worker's folder is in the session's; in one process the
+  # session's folder is the base itself (its parent outlives the session).
+  session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  root = session / f"shared_{name}"
   root.mkdir(exist_ok=True)
   with open(root / ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -10,6 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # benchmarks/ is a folder of the checkout, not of the package.
 
 from benchmarks import bench  # noqa: E402
+from conftest import with_devices  # noqa: E402
 from fsp_jax import methods, train  # noqa: E402
 
 TINY = ["--teacher_depth", "8", "--student_depth", "8", "--batch_size", "8",
@@ -66,7 +67,7 @@ def test_bench_script_runs_from_anywhere(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), *TINY,
        "--only", "main"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+      env=with_devices(dict(os.environ, JAX_PLATFORMS="cpu"), 1))
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["main_images_per_s"] > 0 and result["devices"] == 1

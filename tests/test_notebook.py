@@ -7,6 +7,8 @@ import os
 import nbclient
 import nbformat
 
+from conftest import with_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "fsp_colab.ipynb")
 
@@ -35,7 +37,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("FSP_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   # One device: data parallelism is tested elsewhere; this keeps the run short.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("XLA_FLAGS", with_devices(os.environ, 1)["XLA_FLAGS"])
   # The installed package only: the kernel starts outside the checkout, which is not
   # on its path either (the install cell finds fsp_jax installed and skips pip).
   monkeypatch.delenv("PYTHONPATH", raising=False)
