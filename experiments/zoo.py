@@ -55,17 +55,23 @@ PUBLISHED_TEACHER = (79.42, 72.34)
 # Why a method's step costs what it does beyond KD's (the teacher's forward pass and
 # the student's step, which every method has), where that is over 1.25x.
 COST_NOTES = {
-    "crd": "scoring every example against its memory bank: with N = 50,000 training "
-           "examples under 8 x (16384 + 1) the bank is scored by one B x N x 128 product "
-           "per side and seed (forward and backward, 4 x 0.8 GMAC per seed at B = 128, "
-           "about a third of KD's whole step), cheaper here than gathering B x 16385 "
-           "rows of 128 floats per side (RepDistiller's form: 1 GB of reads per side and "
-           "seed per step); the negatives' count is the paper's, so this cost is the "
-           "method's. crd+kd adds KD's term to it, nothing more.",
+    "crd": "scoring every example against the other side's memory bank. With N = "
+           "50,000 training examples under 8 x (16384 + 1), each side is one B x N x 128 "
+           "product, forward and backward, every row weighted by how often it was drawn "
+           "(no gather of B x 16385 rows of 128 floats forward, no scatter of their "
+           "gradients backward: that form cost ~1.55x KD's step, this one ~1.47x, "
+           "docs/zoo/bench_crd_vid_after.json). What is left, profiled term by term on "
+           "one seed: the two bank products and their gradients, drawing B x 16384 "
+           "negatives (one 32-bit draw each) and counting them, and moving the banks' "
+           "rows; 16384 negatives are the paper's, so this cost is the method's on a "
+           "CPU. crd+kd adds KD's term to it.",
     "vid": "three 1x1 convolutions per section and their gradients on every section's "
-           "output, at full resolution (32 x 32 in the first section), plus the "
-           "per-channel variance's softplus: memory-bound on a CPU; not yet profiled "
-           "further.",
+           "output at full resolution (131,072 positions x 16 channels in the first "
+           "section at B = 128): 9 products with 16 to 64 columns, each reading and "
+           "writing a whole map, plus the Gaussian NLL's elementwise terms. Profiled "
+           "alone on one seed, the term's backward is ~7x its forward (weight gradients "
+           "reduce over every position): memory-bound on a CPU, ~1.32x KD's step; the "
+           "regressors are RepDistiller's, so the cost is the method's.",
 }
 
 

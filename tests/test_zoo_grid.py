@@ -110,7 +110,7 @@ def test_report_and_results_json(tmp_path):
   # Each step's cost, and why one over 1.25x KD's costs what it does.
   assert "| crd+kd | crd+kd | 128 | 230 | 1670 | 1.35x | 2.30x |" in text
   assert "Over 1.25x KD's step: crd+kd (1.35x)." in text
-  assert "- crd: scoring every example against its memory bank" in text
+  assert "- crd: scoring every example against the other side's memory bank" in text
 
 
 def test_ranking_against_the_published_order():
