@@ -432,7 +432,7 @@ def parse_args(argv):
   parser.add_argument("--data_root", default="/tmp/cifar10",
                       help="CIFAR-10 image folder; '' loads tfds cifar10; 'digits' the "
                            "bundled digits (a dry run)")
-  parser.add_argument("--scale", type=float, default=0.01,
+  parser.add_argument("--scale", type=float, default=0.008,
                       help="multiplies every student schedule's iterations and drops")
   parser.add_argument("--teacher_scale", type=float, default=0.05,
                       help="the teacher's factor (0.05: 79 %% in docs/reproduction)")
