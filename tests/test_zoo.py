@@ -58,15 +58,15 @@ def every_method_run(tmp_path_factory, cli_env, smoke_teacher):
   """`(workdir, stdout)` of `python -m fsp_jax.main --config quickstart:smoke
   --config.methods=EVERY` (the session's smoke teacher, `smoke()`'s main task), run
   once for the tests here that read it."""
-  from conftest import shared_dir, with_devices
+  from conftest import quick_compile, shared_dir, with_devices
 
   def build(workdir):
     proc = subprocess.run(
         [sys.executable, "-m", "fsp_jax.main", "--config", "quickstart:smoke",
          f"--config.methods={EVERY!r}", "--workdir", str(workdir),
          f"--config.teacher.checkpoint={smoke_teacher}", *smoke_flags()],
-        cwd=REPO, env=with_devices(cli_env, 4), capture_output=True, text=True,
-        timeout=900)
+        cwd=REPO, env=quick_compile(with_devices(cli_env, 4)), capture_output=True,
+        text=True, timeout=900)
     if proc.returncode != 0:
       raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
     (workdir / "stdout.txt").write_text(proc.stdout)
