@@ -341,6 +341,14 @@ def _variable_shapes(network, image_shape):
 
 
 @functools.lru_cache(maxsize=64)
+def _jit_init(network, image_shape, sharding):
+  """`network`'s jitted init `(rng) -> variables` for `image_shape`, built once per
+  network, image shape and sharding: a process's later stages, runs and seeds of the
+  same network reuse its trace instead of tracing and lowering it again."""
+  return jax.jit(lambda r: network.init(r, image_shape), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=64)
 def _network_outputs(network, image_shape):
   images = jax.ShapeDtypeStruct((2,) + image_shape, jnp.uint8)
   return jax.eval_shape(network.apply, _variable_shapes(network, image_shape), images)
@@ -430,8 +438,7 @@ def _per_seed(exp: Experiment, seeds: List[int], make):
 def random_variables(exp: Experiment, role: str, seeds: Optional[List[int]] = None):
   """`role`'s initial variables from `(seed, role)`, replicated; with several seeds
   stacked on a leading axis (seed k's are those of a one-seed run of seed k)."""
-  init = jax.jit(lambda r: exp.networks[role].init(r, exp.dataset.image_shape),
-                 out_shardings=exp.replicated)
+  init = _jit_init(exp.networks[role], tuple(exp.dataset.image_shape), exp.replicated)
   return _per_seed(exp, seeds or [exp.config.seed], lambda seed: init(
       jax.random.fold_in(jax.random.PRNGKey(seed), ROLE_SEED[role])))
 
