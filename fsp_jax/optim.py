@@ -2,6 +2,7 @@
 iterations and SGD with momentum and L2 weight decay (PyTorch's SGD)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -18,8 +19,15 @@ def create_learning_rate_fn(learning_rates: Sequence[float], boundaries: Sequenc
   `learning_rates[k]` holds for `boundaries[k-1] <= step < boundaries[k]`; e.g.
   (0.1, 0.01, 0.001) with boundaries (32000, 48000). `warmup_steps` W > 0 multiplies
   the first W steps' rates by (step + 1) / W (a linear warm-up; not in the paper).
+  One function per schedule (the same object for the same settings).
   """
   validation.check_boundaries(learning_rates, boundaries)
+  return _learning_rate_fn(tuple(float(v) for v in learning_rates),
+                           tuple(int(b) for b in boundaries), int(warmup_steps))
+
+
+@functools.lru_cache(maxsize=256)
+def _learning_rate_fn(learning_rates, boundaries, warmup_steps):
   values = jnp.asarray(learning_rates, jnp.float32)
   bounds = jnp.asarray(boundaries, jnp.int32)
 

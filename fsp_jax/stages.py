@@ -867,8 +867,17 @@ class StageSetup:
 def optimizer(objective, lr_fn, schedule):
   """The stage's optax optimizer; where its objective freezes parameters (the
   student in a stage 1 of the objective's own parameters, `frozen_params`), those
-  never move."""
-  tx = optim.create_optimizer(lr_fn, schedule.momentum, schedule.weight_decay)
+  never move. The same object for the same objective and settings (`lr_fn` from
+  `optim.create_learning_rate_fn`, itself one per schedule): the optimizer is part of
+  the train state's structure, so a process's later runs of a stage reuse its traced
+  step instead of tracing it again."""
+  return _optimizer(objective, lr_fn, float(schedule.momentum),
+                    float(schedule.weight_decay))
+
+
+@functools.lru_cache(maxsize=256)
+def _optimizer(objective, lr_fn, momentum, weight_decay):
+  tx = optim.create_optimizer(lr_fn, momentum, weight_decay)
   if objective is None or not objective.freezes:
     return tx
   return optim.with_frozen(tx, lambda params: {

@@ -71,8 +71,12 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(network: Network, variables, tx, distiller_params=None,
                        objective_state=None) -> TrainState:
+  """`network`'s train state. It holds no `apply_fn` (the steps are given the
+  network): a bound method compares by identity, so the state's structure, and with
+  it the traced step, would differ for every new but equal network."""
+  del network
   params = {"student": variables["params"], "distiller": distiller_params or {}}
-  return TrainState.create(apply_fn=network.apply, params=params, tx=tx,
+  return TrainState.create(apply_fn=None, params=params, tx=tx,
                            batch_stats=variables["batch_stats"],
                            objective_state=objective_state or {})
 
