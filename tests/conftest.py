@@ -98,8 +98,8 @@ def quick_compile(env):
   which compile ~40 % faster, for a subprocess that only shows that a run goes through
   (the every-method run: 108 s -> 64 s of CPU). Never for runs whose numbers a test
   compares with another program's: the two emitters round differently. (Not for the
-  GPU script's dry run either: there Table 1's FSP stage, ResNet-26 students whose
-  Eq. 2 sums are ~1e7 at initialisation, overflows in 2 steps with them.)"""
+  GPU script's dry run either: its Table 1 FSP stage, whose Eq. 2 sums are ~1e7 at
+  initialisation, goes non-finite in 2 steps with them.)"""
   return dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") +
                               " --xla_cpu_use_fusion_emitters=false").strip())
 
