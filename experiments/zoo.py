@@ -72,7 +72,7 @@ COST_NOTES = {
            "alone on one seed, the term's backward is ~7x its forward (weight gradients "
            "reduce over every position): memory-bound on a CPU, ~1.32x KD's step; the "
            "regressors are RepDistiller's, so the cost is the method's.",
-    "nst": "1.21x KD's step in one 5-step measurement, 1.29x in the next "
+    "nst": "1.21x KD's step in an earlier 5-step measurement, 1.29x in this one "
            "(docs/zoo/bench_methods.json): on the 1.25x line within the noise of 5 "
            "steps. Its term is three C x C polynomial kernels per section, each map's "
            "channel vectors L2-normalised over every position at full resolution "
