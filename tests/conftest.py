@@ -153,8 +153,8 @@ def pytest_unconfigure(config):
 
 # Test files whose tests take longest (whole pipelines, subprocesses), run first so that
 # the workers (pytest-xdist) finish together instead of one waiting on a late long test.
-LONGEST_FIRST = ("test_zoo.py", "test_gpu_script.py", "test_seeds.py", "test_fsp_cache.py",
-                 "test_experiment.py", "test_reliability.py", "test_examples.py",
+LONGEST_FIRST = ("test_gpu_script.py", "test_zoo.py", "test_seeds.py", "test_reliability.py",
+                 "test_fsp_cache.py", "test_experiment.py", "test_examples.py",
                  "test_notebook.py", "test_registry.py", "test_plots.py", "test_bench.py")
 
 
