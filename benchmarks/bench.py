@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -101,6 +102,20 @@ def parse_args(argv=None):
 
 
 # ---- the JAX steps ---------------------------------------------------------------
+class _Built(dict):
+  """`{name: (fn, state, args)}` built on first access by `builders[name]()`; each
+  built step's state also goes into `states`."""
+
+  def __init__(self, builders, states):
+    super().__init__()
+    self.builders, self.states = builders, states
+
+  def __missing__(self, name):
+    entry = self[name] = self.builders[name]()
+    self.states[name] = entry[1]
+    return entry
+
+
 class Steps:
   """The compiled pipeline steps on one synthetic batch, ready to be timed."""
 
@@ -136,17 +151,21 @@ class Steps:
           lambda *xs: jnp.stack(xs), *[one(seed + i) for i in range(n)])
       return jax.device_put(st, replicated)
 
-    self.teacher_variables = jax.device_put(
-        teacher.init(jax.random.PRNGKey(0), (32, 32, 3)), replicated)
+    # Built on first use (`fns` below): a run of some steps builds only their states.
+    teacher_variables = functools.cache(lambda: jax.device_put(
+        teacher.init(jax.random.PRNGKey(0), (32, 32, 3)), replicated))
     # Training's own jitted steps (what `train.train_and_evaluate` runs).
     distiller = methods.FSP(fsp.default_fsp_pairs(student.feature_names))
     teacher_fsp = train.jit_teacher_targets(teacher, distiller)
-    matrices = teacher_fsp(self.teacher_variables, self.batch["image"])
-    cached_batch = dict(self.batch, teacher_targets=matrices)
+
+    @functools.cache
+    def cached_batch():
+      return dict(self.batch, teacher_targets=teacher_fsp(teacher_variables(),
+                                                          self.batch["image"]))
     if k == 1 and n == 1:
       fsp_step = train.jit_train_step(student, teacher, distiller, use_labels=False)
       main, teach = train.jit_train_step(student), train.jit_train_step(teacher)
-      plain, cached = self.batch, cached_batch
+      plain, cached = (lambda: self.batch), cached_batch
       extra = ()
     else:
       # K steps of N seeds a call: the batch repeated along (K, [N]) leading axes.
@@ -161,18 +180,22 @@ class Steps:
       fsp_step = train.jit_train_steps(student, teacher, distiller, False, n, None, ax)
       main = train.jit_train_steps(student, None, None, True, n, None, ax)
       teach = train.jit_train_steps(teacher, None, None, True, n, None, ax)
-      plain, cached = stacked(self.batch), stacked(cached_batch)
+      plain = functools.cache(lambda: stacked(self.batch))
+      cached = functools.cache(lambda: stacked(cached_batch()))
       extra = (None,)
-    # name -> (jitted fn, state or None, other args); each step maps state -> state.
-    self.fns = {
-        "main": (main, state(student, 1), (plain, None) + extra),
-        "fsp": (fsp_step, state(student, 1), (plain, self.teacher_variables) + extra),
-        "teacher": (teach, state(teacher, 0), (plain, None) + extra),
-        "teacher_forward": (teacher_fsp, None,
-                            (self.teacher_variables, self.batch["image"])),
-        "fsp_cached": (fsp_step, state(student, 1), (cached, None) + extra),
+    # name -> () -> (jitted fn, state or None, other args); each step maps state ->
+    # state.
+    builders = {
+        "main": lambda: (main, state(student, 1), (plain(), None) + extra),
+        "fsp": lambda: (fsp_step, state(student, 1),
+                        (plain(), teacher_variables()) + extra),
+        "teacher": lambda: (teach, state(teacher, 0), (plain(), None) + extra),
+        "teacher_forward": lambda: (teacher_fsp, None,
+                                    (teacher_variables(), self.batch["image"])),
+        "fsp_cached": lambda: (fsp_step, state(student, 1), (cached(), None) + extra),
     }
-    self.states = {k: v[1] for k, v in self.fns.items()}
+    self.states = {}
+    self.fns = _Built(builders, self.states)
 
   def memory(self, name) -> Dict[str, float]:
     """XLA's buffer assignment of the compiled step, in MB."""
