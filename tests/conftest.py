@@ -98,11 +98,14 @@ def with_devices(env, n):
 
 def quick_compile(env):
   """`env` with XLA:CPU's older loop emitters (`--xla_cpu_use_fusion_emitters=false`),
-  which compile ~40 % faster, for a subprocess that only shows that a run goes through
-  (the every-method run: 108 s -> 64 s of CPU). Never for runs whose numbers a test
-  compares with another program's: the two emitters round differently. (Not for the
-  GPU script's dry run either: its Table 1 FSP stage, whose Eq. 2 sums are ~1e7 at
-  initialisation, goes non-finite in 2 steps with them.)"""
+  which compile ~40 % faster, for command-line runs that show a run goes through (the
+  every-method run: 108 s -> 64 s of CPU) or that compare runs all made with it (kill
+  and resume, several processes: test_reliability, test_seeds; 199 s -> 182 s for
+  those with test_examples). Never where a run is compared with one made without it,
+  and not for the in-process tests: the two emitters round differently, and 12 of the
+  in-process comparisons of two programs fail with them at their tolerances. (Not for
+  the GPU script's dry run either: its Table 1 FSP stage, whose Eq. 2 sums are ~1e7
+  at initialisation, goes non-finite in 2 steps with them.)"""
   return dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") +
                               " --xla_cpu_use_fusion_emitters=false").strip())
 

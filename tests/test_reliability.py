@@ -36,7 +36,11 @@ STAGES = ("teacher", "fsp", "student")
 
 @pytest.fixture(scope="module")
 def env(cli_env):
-  return cli_env
+  """The command line's environment here. Every run a test compares is compiled with
+  the same flags, so XLA:CPU's quicker loop emitters (conftest's `quick_compile`) give
+  the comparisons the same programs on both sides."""
+  from conftest import quick_compile
+  return quick_compile(cli_env)
 
 
 # A loss at every step: the curves compared below are complete.

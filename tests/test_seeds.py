@@ -229,6 +229,9 @@ def test_device_pipeline_trains_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_several_seeds_resume_after_sigkill_equals_uninterrupted(tmp_path, cli_env):
+  from conftest import quick_compile  # The three runs compile the same programs.
+  cli_env = quick_compile(cli_env)
+
   def cli(workdir, fault=""):
     entry = [FAULTS] if fault else ["-m", "fsp_jax.main"]
     return subprocess.run(
