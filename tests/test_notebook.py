@@ -7,7 +7,7 @@ import os
 import nbclient
 import nbformat
 
-from conftest import with_devices
+from conftest import quick_compile, with_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "fsp_colab.ipynb")
@@ -36,8 +36,10 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("FSP_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("FSP_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  # One device: data parallelism is tested elsewhere; this keeps the run short.
-  monkeypatch.setenv("XLA_FLAGS", with_devices(os.environ, 1)["XLA_FLAGS"])
+  # One device: data parallelism is tested elsewhere; this keeps the run short, as do
+  # the quicker loop emitters (its numbers are compared with no other program's).
+  monkeypatch.setenv("XLA_FLAGS",
+                     quick_compile(with_devices(os.environ, 1))["XLA_FLAGS"])
   # The installed package only: the kernel starts outside the checkout, which is not
   # on its path either (the install cell finds fsp_jax installed and skips pip).
   monkeypatch.delenv("PYTHONPATH", raising=False)
