@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, checkpoint_accuracies
+from conftest import REPO, checkpoint_accuracies, quick_compile
 
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
@@ -44,8 +44,7 @@ def _cli(args, env, workdir):
 
 
 def test_cli_import_path_student_fsp_fitnet_kd_and_resume(tmp_path, cli_env):
-  from conftest import quick_compile  # It compares no two programs' numbers.
-  cli_env = quick_compile(cli_env)
+  cli_env = quick_compile(cli_env)  # It compares no two programs' numbers.
   workdir = tmp_path / "run"
   args = [*SMALL_CNN, "--config.methods=('fsp','fitnet','kd')",
           "--config.baselines=()", "--config.fitnet.hint_feature=block2",

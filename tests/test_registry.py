@@ -10,7 +10,7 @@ import textwrap
 import ml_collections
 import pytest
 
-from conftest import REPO
+from conftest import REPO, quick_compile
 from fsp_jax import config_lib, methods, metrics, stages, validation
 
 DOC = os.path.join(REPO, "docs", "methods.md")
@@ -69,8 +69,8 @@ MY_METHOD = textwrap.dedent('''
 
 def test_a_method_by_import_path_runs_through_the_command_line(tmp_path, cli_env,
                                                                smoke_teacher):
-  from conftest import quick_compile  # It compares no two programs' numbers.
   (tmp_path / "mymethod.py").write_text(MY_METHOD)
+  # It compares no two programs' numbers.
   env = dict(quick_compile(cli_env), PYTHONPATH=str(tmp_path))
   base = [sys.executable, "-m", "fsp_jax.main", "--config", "quickstart:smoke",
           "--config.baselines=()", f"--config.teacher.checkpoint={smoke_teacher}"]

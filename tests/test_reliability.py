@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import shared_dir, with_devices
+from conftest import quick_compile, shared_dir, with_devices
 from fsp_jax import checkpoints, metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +36,8 @@ STAGES = ("teacher", "fsp", "student")
 
 @pytest.fixture(scope="module")
 def env(cli_env):
-  """The command line's environment here. Every run a test compares is compiled with
-  the same flags, so XLA:CPU's quicker loop emitters (conftest's `quick_compile`) give
-  the comparisons the same programs on both sides."""
-  from conftest import quick_compile
+  """The command line's environment here, with XLA:CPU's quicker loop emitters
+  (conftest's `quick_compile`): every run a test here compares is made with them."""
   return quick_compile(cli_env)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import checkpoint_accuracies, shared_dir
+from conftest import checkpoint_accuracies, quick_compile, shared_dir
 from fsp_jax import checkpoints, config_lib, data, stages, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,8 +229,7 @@ def test_device_pipeline_trains_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_several_seeds_resume_after_sigkill_equals_uninterrupted(tmp_path, cli_env):
-  from conftest import quick_compile  # The three runs compile the same programs.
-  cli_env = quick_compile(cli_env)
+  cli_env = quick_compile(cli_env)  # The three runs compile the same programs.
 
   def cli(workdir, fault=""):
     entry = [FAULTS] if fault else ["-m", "fsp_jax.main"]
