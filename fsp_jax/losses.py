@@ -254,16 +254,41 @@ def rkd_loss(student_embedding: jax.Array, teacher_embedding: jax.Array,
   return distance_weight * loss_d + angle_weight * loss_a
 
 
+@jax.custom_vjp
+def _position_gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`(B, N, Ca)`, `(B, N, Cb)` -> `(B, Ca, Cb)`: `sum_k a[n, k, i] b[n, k, j]`.
+
+  Its gradient is written as one product per operand whose result is already laid out
+  as that operand, `(B, N, C)`; differentiating the einsum instead computes each as
+  `(B, C, N)` and transposes the whole map back (a third of NST's term, measured)."""
+  return jnp.einsum("nki,nkj->nij", a, b, precision=_HIGHEST)
+
+
+def _position_gram_fwd(a, b):
+  return _position_gram(a, b), (a, b)
+
+
+def _position_gram_bwd(residuals, g):
+  a, b = residuals
+  return (jnp.einsum("nkj,nij->nki", b, g, precision=_HIGHEST),
+          jnp.einsum("nki,nij->nkj", a, g, precision=_HIGHEST))
+
+
+_position_gram.defvjp(_position_gram_fwd, _position_gram_bwd)
+
+
 def _poly_kernel(a: jax.Array, b: jax.Array) -> jax.Array:
-  """RepDistiller `NSTLoss.poly_kernel`: `res[n, i, j] = (sum_k a[n, j, k] b[n, i, k])**2`
-  for `a` `(B, Ca, HW)`, `b` `(B, Cb, HW)`: `(B, Cb, Ca)`."""
-  return jnp.einsum("njk,nik->nij", a, b, precision=_HIGHEST) ** 2
+  """RepDistiller `NSTLoss.poly_kernel` with each channel's vector down a column:
+  `res[n, i, j] = (sum_k a[n, k, j] b[n, k, i])**2` for `a` `(B, HW, Ca)`, `b`
+  `(B, HW, Cb)`: `(B, Cb, Ca)`."""
+  return _position_gram(b, a) ** 2
 
 
 def _channel_vectors(f: jax.Array) -> jax.Array:
-  """`(B, H, W, C)` -> `(B, C, H * W)`, each channel's vector L2-normalised."""
+  """`(B, H, W, C)` -> `(B, H * W, C)`, each channel's vector (a column) L2-normalised
+  (RepDistiller's `(B, C, H * W)` rows, left in the map's own layout)."""
   b, h, w, c = f.shape
-  return _normalize(jnp.transpose(f.reshape(b, h * w, c), (0, 2, 1)), axis=2)
+  return _normalize(f.reshape(b, h * w, c), axis=1)
 
 
 def nst_loss(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
@@ -272,7 +297,8 @@ def nst_loss(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
 
   The larger map is average-pooled to the smaller's spatial size; `f` = the map as
   `(B, C, H*W)`, each channel's vector L2-normalised (`F.normalize` dim 2);
-  `poly(a, b)[n, i, j] = (sum_k a[n, j, k] b[n, i, k])**2`;
+  `poly(a, b)[n, i, j] = (sum_k a[n, j, k] b[n, i, k])**2` (computed on the map's
+  `(B, H*W, C)` layout: the same sums);
   `loss = mean(poly(f_t, f_t)) (no gradient) + mean(poly(f_s, f_s))
   - 2 mean(poly(f_s, f_t))`.
 
