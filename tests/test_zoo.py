@@ -466,3 +466,38 @@ def test_ft_factor_and_reconstruction_against_numpy():
   assert not one.trains_student and one.freezes
   assert [s.name for s in stages.plan_stages(smoke(methods=("ft",)))] == [
       "teacher", "ft_paraphraser", "ft"]
+
+
+def test_vid_against_a_numpy_transcription_of_repdistiller():
+  """RepDistiller's VIDLoss: a regressor of three bias-free 1x1 convolutions (ReLUs
+  between) predicts the teacher's map, the Gaussian NLL with softplus(alpha) + 1e-5
+  variances averaged over every element, summed over layers; the larger map
+  average-pooled to the smaller; initial variance 5."""
+  rng = np.random.default_rng(7)
+  s_maps = {"a": np.abs(rng.normal(size=(3, 4, 4, 5))), "b": rng.normal(size=(3, 2, 2, 6))}
+  t_maps = {"a": np.abs(rng.normal(size=(3, 2, 2, 4))), "b": rng.normal(size=(3, 2, 2, 3))}
+  f32 = lambda d: {k: jnp.asarray(v, jnp.float32) for k, v in d.items()}
+  term = methods.VID(("a", "b"), weight=2.0, init_variance=5.0)
+  params = term.init(jax.random.PRNGKey(0), f32(t_maps), f32(s_maps))
+  softplus = lambda a: np.log1p(np.exp(a))
+  np.testing.assert_allclose(softplus(np.asarray(params["a"]["alpha"], np.float64)) + 1e-5,
+                             5.0, rtol=1e-6)
+  # Variances away from their start, so that each channel's own variance is checked.
+  for k in params:
+    params[k]["alpha"] = jnp.asarray(rng.normal(size=params[k]["alpha"].shape), jnp.float32)
+  want = 0.0
+  for k in ("a", "b"):
+    p = {n: np.asarray(v, np.float64) for n, v in params[k].items()}
+    s, t = s_maps[k], t_maps[k]
+    if s.shape[1] > t.shape[1]:
+      f = s.shape[1] // t.shape[1]
+      s = s.reshape(3, t.shape[1], f, t.shape[2], f, s.shape[-1]).mean((2, 4))
+    mu = np.maximum(np.maximum(s @ p["w1"], 0) @ p["w2"], 0) @ p["w3"]
+    var = softplus(p["alpha"]) + 1e-5
+    want += np.mean(0.5 * ((mu - t) ** 2 / var + np.log(var)))
+  targets = term.teacher_targets(None, f32(t_maps))
+  got = term.objective(params, targets, jnp.zeros((3, 10)), f32(s_maps), 0)
+  np.testing.assert_allclose(np.asarray(got), np.full(3, 2.0 * want), rtol=1e-5)
+  grads = jax.grad(lambda p: term.objective(p, targets, jnp.zeros((3, 10)), f32(s_maps),
+                                            0).sum())(params)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))

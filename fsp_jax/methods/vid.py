@@ -92,6 +92,9 @@ class VID(Objective):
       s, t = losses.match_spatial(features[layer].astype(jnp.float32),
                                   jax.lax.stop_gradient(target).astype(jnp.float32),
                                   f"VID layer {layer!r}")
+      # Positions as rows of one (B H W, C) matrix: a 1x1 convolution is one product,
+      # and its weights' gradient one more (on the 4-D maps XLA:CPU took ~1.3x as long).
+      s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
       mean = jax.nn.relu(s @ p["w1"])
       mean = jax.nn.relu(mean @ p["w2"]) @ p["w3"]
       variance = jax.nn.softplus(p["alpha"]) + _EPS
