@@ -1,6 +1,6 @@
 """The distiller zoo's table: every method on one CIFAR-10 teacher, one schedule.
 
-    python experiments/zoo.py --data_root /tmp/cifar10 --scale 0.01 \
+    python experiments/zoo.py --data_root /tmp/cifar10 --scale 0.007 \
         --teacher_scale 0.05 --jobs 2 --workdir runs/zoo --report_dir docs/zoo
 
 One teacher ResNet-26 (cifar10_teacher's schedule times --teacher_scale), then a
@@ -440,7 +440,7 @@ def parse_args(argv):
   parser.add_argument("--data_root", default="/tmp/cifar10",
                       help="CIFAR-10 image folder; '' loads tfds cifar10; 'digits' the "
                            "bundled digits (a dry run)")
-  parser.add_argument("--scale", type=float, default=0.008,
+  parser.add_argument("--scale", type=float, default=0.007,
                       help="multiplies every student schedule's iterations and drops")
   parser.add_argument("--teacher_scale", type=float, default=0.05,
                       help="the teacher's factor (0.05: 79 %% in docs/reproduction)")
