@@ -57,26 +57,26 @@ PUBLISHED_TEACHER = (79.42, 72.34)
 COST_NOTES = {
     "crd": "scoring every example against the other side's memory bank. With N = "
            "50,000 training examples under 8 x (16384 + 1), each side is one B x N x 128 "
-           "product, forward and backward, every row weighted by how often it was drawn "
-           "(no gather of B x 16385 rows of 128 floats forward, no scatter of their "
-           "gradients backward: that form cost ~1.55x KD's step, this one ~1.47x, "
-           "docs/zoo/bench_crd_vid_after.json). What is left, profiled term by term on "
-           "one seed: the two bank products and their gradients, drawing B x 16384 "
-           "negatives (one 32-bit draw each) and counting them, and moving the banks' "
-           "rows; 16384 negatives are the paper's, so this cost is the method's on a "
-           "CPU. crd+kd adds KD's term to it.",
+           "product and its gradient, every row weighted by how often it was drawn (no "
+           "gather of B x 16385 rows of 128 floats forward, no scatter of their "
+           "gradients backward: that form cost ~1.55x KD's step). Each positive is "
+           "scored from its own bank row and the draws are counted by one float32 "
+           "scatter-add (before: picked out of the B x N scores, counted in int32; "
+           "side by side, 4 methods taking turns, 2 rounds: 1.42x and 1.45x KD's step "
+           "before, 1.26x and 1.36x after). What is left, profiled term by term on one "
+           "seed: the two bank products and their gradients (~12 ms each), their "
+           "elementwise terms over B x N scores, drawing B x 16384 negatives and "
+           "counting them; 16384 negatives are the paper's, so this cost is the "
+           "method's on a CPU. crd+kd adds KD's term to it.",
     "vid": "three 1x1 convolutions per section and their gradients on every section's "
            "output at full resolution (131,072 positions x 16 channels in the first "
-           "section at B = 128): 9 products with 16 to 64 columns, each reading and "
-           "writing a whole map, plus the Gaussian NLL's elementwise terms. Profiled "
-           "alone on one seed, the term's backward is ~7x its forward (weight gradients "
-           "reduce over every position): memory-bound on a CPU, ~1.32x KD's step; the "
-           "regressors are RepDistiller's, so the cost is the method's.",
-    "nst": "1.21x KD's step in an earlier 5-step measurement, 1.29x in this one "
-           "(docs/zoo/bench_methods.json): on the 1.25x line within the noise of 5 "
-           "steps. Its term is three C x C polynomial kernels per section, each map's "
-           "channel vectors L2-normalised over every position at full resolution "
-           "(the larger map average-pooled first); not profiled further yet.",
+           "section at B = 128), computed as products of (B H W, C) matrices (on the "
+           "4-D maps: 1.22x and 1.24x KD's step side by side, as matrices 1.08x and "
+           "1.09x).",
+    "nst": "three C x C polynomial kernels per section over every position at full "
+           "resolution, on the maps' own (B, H W, C) layout with a gradient that needs "
+           "no transpose of a whole map (before: 1.09x and 1.08x KD's step side by "
+           "side, after 1.03x and 1.03x).",
 }
 
 
